@@ -1,0 +1,169 @@
+"""Spec -> torch.nn.Module, asking the registry for every component.
+
+Nothing here names a concrete backend: a new component or family is a registration
+plus YAML, never an edit to this file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from optkit.errors import BackendUnavailableError, SpecValidationError
+from optkit.interfaces import AttentionKernel, KVCache
+from optkit.model import Attention, Decoder, DecoderLayer, Model
+from optkit.spec import AUTO, DECODER_COMPONENTS, ComponentRef, DecoderSpec, ModelSpec, load_spec, validate_spec
+
+log = logging.getLogger("optkit")
+AUTO_KINDS = ("attention", "linear", "kv_cache")
+
+
+@dataclass
+class BuildContext:
+    """What a component factory sees: the spec, the target device/dtype, and helpers
+    to build the sub-components it receives (projections, norms)."""
+
+    spec: ModelSpec
+    registry: Any
+    device: torch.device
+    dtype: torch.dtype
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decoder(self) -> DecoderSpec:
+        return self.spec.decoder
+
+    def ref(self, kind: str) -> ComponentRef:
+        return self.spec.head if kind == "head" else getattr(self.spec.decoder, kind)
+
+    def create(self, kind: str, ref: ComponentRef | None = None) -> Any:
+        ref = ref or self.ref(kind)
+        entry = self.registry.get(kind, ref.name)
+        params: BaseModel = entry.params.model_validate(ref.params)
+        return entry.factory(params, self)
+
+    def linear(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
+        return self.extras["linear"](in_features, out_features, bias=bias)
+
+    def norm(self, dim: int) -> nn.Module:
+        return self.extras["norm"](dim)
+
+
+def _resolve_auto(spec: ModelSpec, registry: Any, device: torch.device, dtype: torch.dtype) -> ModelSpec:
+    choices = {}
+    for kind in AUTO_KINDS:
+        if getattr(spec.decoder, kind).name == AUTO:
+            entry = registry.select_auto(kind, device, dtype)
+            log.info("optkit: %s=auto picked '%s' for %s/%s", kind, entry.name, device.type, dtype)
+            choices[kind] = entry.name
+    return spec.with_components(**choices) if choices else spec
+
+
+def _check_usable(spec: ModelSpec, registry: Any, device: torch.device, dtype: torch.dtype) -> None:
+    problems = []
+    for kind in DECODER_COMPONENTS + ("head",):
+        ref = spec.head if kind == "head" else getattr(spec.decoder, kind)
+        reasons = registry.get(kind, ref.name).unavailable_reasons(device, dtype)
+        if reasons:
+            problems.append(f"{kind} '{ref.name}': " + "; ".join(reasons))
+    if problems:
+        raise BackendUnavailableError(
+            f"cannot build this model on {device.type} in {str(dtype).removeprefix('torch.')}: " + " | ".join(problems))
+
+
+def _layer(ctx: BuildContext) -> DecoderLayer:
+    d = ctx.decoder
+    width = d.num_heads * d.head_dim
+    attention = Attention(
+        q_proj=ctx.linear(d.hidden_size, width, bias=d.bias), k_proj=ctx.linear(d.hidden_size, width, bias=d.bias),
+        v_proj=ctx.linear(d.hidden_size, width, bias=d.bias), out_proj=ctx.linear(width, d.hidden_size, bias=d.bias),
+        kernel=ctx.create("attention"), num_heads=d.num_heads, head_dim=d.head_dim,
+        query_scaling=d.query_scaling, dropout=d.attention_dropout)
+    return DecoderLayer(self_attn=attention, self_attn_layer_norm=ctx.norm(d.hidden_size), mlp=ctx.create("mlp"),
+                        final_layer_norm=ctx.norm(d.hidden_size), norm_position=d.norm_position, dropout=d.dropout)
+
+
+def _decoder(ctx: BuildContext) -> Decoder:
+    d = ctx.decoder
+    projected = d.embed_dim != d.hidden_size
+    return Decoder(
+        embed_tokens=ctx.create("token_embedding"),
+        embed_positions=ctx.create("positional_embedding"),
+        layers=[_layer(ctx) for _ in range(d.num_layers)],
+        project_in=ctx.linear(d.embed_dim, d.hidden_size, bias=False) if projected else None,
+        project_out=ctx.linear(d.hidden_size, d.embed_dim, bias=False) if projected else None,
+        final_layer_norm=ctx.norm(d.hidden_size) if d.final_norm and d.norm_position == "pre" else None,
+        max_positions=d.max_positions, layerdrop=d.layerdrop)
+
+
+def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None, registry: Any = None,
+          target_device: torch.device | str | None = None, **component_overrides: Any) -> Model:
+    """Build a model from a spec (or preset name / YAML path) with fresh weights.
+
+    ``component_overrides`` swap components by kind, e.g. ``attention="sdpa"``.
+    ``target_device`` is where the model will run when it is built on "meta" for loading.
+    """
+    if registry is None:
+        from optkit import registry
+    if not isinstance(spec, ModelSpec):
+        spec = load_spec(spec)
+    if component_overrides:
+        spec = spec.with_components(**component_overrides)
+    spec = validate_spec(spec, registry=registry)
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    target = torch.device(target_device or device)
+    spec = _resolve_auto(spec, registry, target, dtype)
+    if target.type != "meta":
+        _check_usable(spec, registry, target, dtype)
+    ctx = BuildContext(spec=spec, registry=registry, device=device, dtype=dtype)
+    with torch.device(device):
+        ctx.extras["linear"] = ctx.create("linear")
+        ctx.extras["norm"] = ctx.create("norm")
+        decoder = _decoder(ctx)
+        ctx.extras["token_embedding"] = decoder.embed_tokens
+        head = ctx.create("head")
+        model = Model(decoder=decoder, head=head, spec=spec)
+    return model.to(dtype=dtype)
+
+
+def make_cache(model: Model, *, batch_size: int, max_length: int | None = None, kind: str | None = None,
+               registry: Any = None, **params: Any) -> KVCache:
+    if registry is None:
+        from optkit import registry
+    d = model.spec.decoder
+    ref = ComponentRef(name=kind, params=params) if kind else d.kv_cache
+    if ref.name == AUTO:
+        ref = ComponentRef(name=registry.select_auto("kv_cache", model.device, model.dtype).name)
+    ctx = BuildContext(spec=model.spec, registry=registry, device=model.device, dtype=model.dtype)
+    factory = ctx.create("kv_cache", ref)
+    return factory(batch_size=batch_size, max_length=max_length, max_positions=d.max_positions, num_layers=d.num_layers,
+                   num_heads=d.num_heads, head_dim=d.head_dim, dtype=model.dtype, device=model.device)
+
+
+def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, registry: Any = None,
+                **others: Any) -> Model:
+    """Swap the attention backend of a loaded model in place; weights are untouched."""
+    if registry is None:
+        from optkit import registry
+    if others:
+        raise SpecValidationError([f"{kind}: set_backend swaps attention only; rebuild the model to change "
+                                   f"{kind} (optkit.from_pretrained(..., {kind}=...))" for kind in others])
+    if attention is None:
+        return model
+    device, dtype = model.device, model.dtype
+    spec = model.spec.with_components(attention=attention)
+    spec = _resolve_auto(spec, registry, device, dtype)
+    registry.require_usable("attention", spec.decoder.attention.name, device, dtype)
+    ctx = BuildContext(spec=spec, registry=registry, device=device, dtype=dtype)
+    for layer in model.decoder.layers:
+        kernel: AttentionKernel = ctx.create("attention")
+        layer.self_attn.kernel = kernel.to(device)
+    model.spec = spec
+    return model

@@ -1,0 +1,47 @@
+"""KV cache interface: where attention keys/values of past tokens live."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class KVCache(ABC):
+    """Per-layer key/value storage, ``(batch, heads, len, head_dim)`` per layer.
+
+    ``update`` stores the new keys/values of one layer and returns everything that
+    layer's queries attend over. The past length advances per layer, so every layer of
+    one forward sees the same offset.
+    """
+
+    @abstractmethod
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens stored so far for ``layer_idx`` (the offset of the next query)."""
+
+    @abstractmethod
+    def attended_length(self, new_tokens: int) -> int:
+        """Length of the keys ``update`` will return after adding ``new_tokens``."""
+
+    @abstractmethod
+    def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    @property
+    def max_length(self) -> int | None:
+        """Capacity in tokens, or None when the cache grows without bound."""
+        return None
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        """Select batch rows (beam search)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reorder its batch")
+
+
+class KVCacheFactory(Protocol):
+    """What a ``kv_cache`` registration builds: a recipe for fresh caches."""
+
+    def __call__(
+        self, *, batch_size: int, max_length: int | None, max_positions: int, num_layers: int, num_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> KVCache: ...

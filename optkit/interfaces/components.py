@@ -1,0 +1,89 @@
+"""Interfaces of the parameter-owning components: embeddings, norm, MLP, linear, head."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+
+class TokenEmbedding(nn.Module, ABC):
+    """Token ids -> vectors. ``weight`` is the matrix a tied LM head reuses."""
+
+    weight: nn.Parameter
+    embedding_dim: int
+
+    @abstractmethod
+    def forward(self, input_ids: Tensor) -> Tensor: ...
+
+    def embed_inputs(self, inputs_embeds: Tensor) -> Tensor:
+        """Post-processing applied to user ``inputs_embeds`` (none by default)."""
+        return inputs_embeds
+
+
+class PositionalEmbedding(nn.Module, ABC):
+    """Positions enter either added to the hidden states or rotated into q/k.
+
+    ``position_ids`` are 0-based positions of real tokens (-1 for padding slots,
+    as transformers computes them from the attention mask).
+    """
+
+    max_positions: int | None = None
+
+    def additive(self, position_ids: Tensor) -> Tensor | None:
+        """Vectors added to the token embeddings, or None."""
+        return None
+
+    def rotate(self, query: Tensor, key: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Position-dependent transform of q/k before the cache (identity by default)."""
+        return query, key
+
+
+class Norm(nn.Module, ABC):
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor: ...
+
+
+class MLP(nn.Module, ABC):
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor: ...
+
+
+class LinearFactory(Protocol):
+    """Builds one projection. Quantized backends (int8) plug in here."""
+
+    def __call__(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module: ...
+
+
+class NormFactory(Protocol):
+    def __call__(self, dim: int) -> Norm: ...
+
+
+@dataclass
+class HeadInputs:
+    """What a head may need besides the final hidden states."""
+
+    input_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    labels: Tensor | None = None
+    start_positions: Tensor | None = None
+    end_positions: Tensor | None = None
+    logits_to_keep: int | Tensor = 0
+
+
+class Head(nn.Module, ABC):
+    """Final hidden states -> task outputs (a dict of ModelOutput fields).
+
+    ``checkpoint_prefix`` is the module name transformers uses for this head's
+    weights (``lm_head``, ``score``, ``qa_outputs``), or "" for none.
+    """
+
+    checkpoint_prefix: str = ""
+
+    @abstractmethod
+    def forward(self, hidden_states: Tensor, inputs: HeadInputs) -> dict[str, Any]: ...
+
+    def tie_weights(self, token_embedding: TokenEmbedding) -> None:
+        """Re-share weights with the token embedding after loading (no-op by default)."""

@@ -1,0 +1,100 @@
+"""The typed attention mask the core hands every attention backend.
+
+A backend is never handed "no mask" to mean "unmasked": it always receives an
+`AttentionMask` that says what is causal, which keys are padding and where the
+queries sit relative to the keys (the cache offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMask:
+    """Which keys each query may attend to.
+
+    Query ``i`` sits at absolute key position ``q_offset + i``. With ``causal`` it may see
+    keys ``j <= q_offset + i``; ``key_padding`` (``(batch, kv_len)``, True = real token)
+    removes padded keys; None means no key is padding.
+
+    Query rows that may see no key at all (padded positions in a left-padded batch)
+    produce a zero output in every backend: a defined value, never NaN.
+    """
+
+    batch_size: int
+    q_len: int
+    kv_len: int
+    q_offset: int = 0
+    key_padding: Tensor | None = None
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        if self.key_padding is not None:
+            if self.key_padding.dtype != torch.bool:
+                raise TypeError("AttentionMask.key_padding must be a bool tensor (True = real token)")
+            if tuple(self.key_padding.shape) != (self.batch_size, self.kv_len):
+                raise ValueError(
+                    f"AttentionMask.key_padding has shape {tuple(self.key_padding.shape)}, "
+                    f"expected (batch, kv_len) = ({self.batch_size}, {self.kv_len})"
+                )
+        if self.q_offset < 0 or (self.causal and self.q_offset + self.q_len > self.kv_len):
+            raise ValueError(
+                f"AttentionMask: queries at {self.q_offset}..{self.q_offset + self.q_len - 1} "
+                f"do not fit in {self.kv_len} keys"
+            )
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.key_padding is None else self.key_padding.device
+
+    @property
+    def has_padding(self) -> bool:
+        return self.key_padding is not None
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """Square causal attention without padding: kernels' fastest path."""
+        return self.causal and self.key_padding is None and self.q_offset == 0 and self.q_len == self.kv_len
+
+    @property
+    def sees_every_key(self) -> bool:
+        """Every query may attend to every key (e.g. one decode step without padding)."""
+        causal_free = not self.causal or self.q_offset + 1 >= self.kv_len and self.q_len == 1
+        return causal_free and self.key_padding is None
+
+    def allowed(self, device: torch.device | str | None = None) -> Tensor:
+        """Boolean ``(batch|1, 1, q_len, kv_len)``: True where the query may attend."""
+        return self._allowed if device is None else self._allowed.to(device)
+
+    @cached_property
+    def _allowed(self) -> Tensor:
+        device = self.device
+        allowed = torch.ones(1, 1, self.q_len, self.kv_len, dtype=torch.bool, device=device)
+        if self.causal:
+            q_pos = torch.arange(self.q_len, device=device)[:, None] + self.q_offset
+            k_pos = torch.arange(self.kv_len, device=device)[None, :]
+            allowed = allowed & (k_pos <= q_pos)
+        if self.key_padding is not None:
+            allowed = allowed & self.key_padding[:, None, None, :]
+        return allowed
+
+    @cached_property
+    def query_has_keys(self) -> Tensor:
+        """``(batch|1, 1, q_len, 1)``: False for rows that may attend to nothing."""
+        return self._allowed.any(dim=-1, keepdim=True)
+
+    @cached_property
+    def has_empty_rows(self) -> bool:
+        if self.key_padding is None:
+            return False  # causal rows always see at least their own key
+        return not bool(self.query_has_keys.all())
+
+    def additive(self, dtype: torch.dtype) -> Tensor:
+        """Float mask: 0 where allowed, ``finfo(dtype).min`` elsewhere (transformers' eager form)."""
+        zero = torch.zeros((), dtype=dtype, device=self.device)
+        return torch.where(self._allowed, zero, torch.finfo(dtype).min)

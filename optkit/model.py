@@ -1,0 +1,261 @@
+"""The module tree optkit owns: attention block, decoder layer, decoder, model.
+
+Components (embeddings, norms, MLPs, projections, kernels, heads) are received ready-made
+from the builder; this file only wires them, so it reads like transformers' OPT and
+never changes when a backend is swapped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optkit.errors import InputError
+from optkit.interfaces import (
+    AttentionKernel,
+    AttentionMask,
+    Head,
+    HeadInputs,
+    KVCache,
+    PositionalEmbedding,
+    TokenEmbedding,
+)
+from optkit.outputs import ModelOutput
+from optkit.spec import ModelSpec
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: owns q/k/v/out projections, delegates the kernel."""
+
+    def __init__(self, *, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, out_proj: nn.Module,
+                 kernel: AttentionKernel, num_heads: int, head_dim: int, query_scaling: str, dropout: float):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.kernel = kernel
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scaling = head_dim**-0.5
+        self.query_scaling = query_scaling
+        self.dropout = dropout
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, *, mask: AttentionMask, positional: PositionalEmbedding, position_ids: Tensor,
+                cache: KVCache | None, layer_idx: int, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        batch, length, _ = x.shape
+        query = self.q_proj(x)
+        if self.query_scaling == "projection":  # OPT: after q_proj (bias included), before q k^T
+            query, kernel_scale = query * self.scaling, 1.0
+        else:
+            kernel_scale = self.scaling
+        query, key, value = self._heads(query), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        query, key = positional.rotate(query, key, position_ids)
+        if cache is not None:
+            key, value = cache.update(layer_idx, key, value)
+        output, weights = self.kernel(query, key, value, mask, scale=kernel_scale,
+                                      dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
+        output = output.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.out_proj(output), weights
+
+
+class DecoderLayer(nn.Module):
+    """Attention + MLP with residuals; norms before (pre-LN) or after (post-LN, opt-350m)."""
+
+    def __init__(self, *, self_attn: Attention, self_attn_layer_norm: nn.Module, mlp: nn.Module,
+                 final_layer_norm: nn.Module, norm_position: str, dropout: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.self_attn_layer_norm = self_attn_layer_norm
+        self.mlp = mlp
+        self.final_layer_norm = final_layer_norm
+        self.pre_norm = norm_position == "pre"
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, **attention_args: Any) -> tuple[Tensor, Tensor | None]:
+        residual = x
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        h, weights = self.self_attn(h, **attention_args)
+        x = residual + F.dropout(h, p=self.dropout, training=self.training)
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        h = self.mlp(h)
+        x = residual + F.dropout(h, p=self.dropout, training=self.training)
+        if not self.pre_norm:
+            x = self.final_layer_norm(x)
+        return x, weights
+
+
+def position_ids_from_mask(attention_mask: Tensor, past_length: int) -> Tensor:
+    """0-based positions of real tokens, -1 at padding (transformers' OPT formula)."""
+    mask = attention_mask.long()
+    return (torch.cumsum(mask, dim=1) * mask - 1)[:, past_length:]
+
+
+class Decoder(nn.Module):
+    """Embeddings -> layers -> final norm/projection."""
+
+    def __init__(self, *, embed_tokens: TokenEmbedding, embed_positions: PositionalEmbedding,
+                 layers: list[DecoderLayer], project_in: nn.Module | None, project_out: nn.Module | None,
+                 final_layer_norm: nn.Module | None, max_positions: int, layerdrop: float):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.project_in = project_in
+        self.embed_positions = embed_positions
+        self.layers = nn.ModuleList(layers)
+        self.final_layer_norm = final_layer_norm
+        self.project_out = project_out
+        self.max_positions = max_positions
+        self.layerdrop = layerdrop
+
+    def forward(self, *, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
+                position_ids: Tensor | None, cache: KVCache | None, output_hidden_states: bool,
+                output_attentions: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else self.embed_tokens.embed_inputs(inputs_embeds)
+        batch, length = x.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, batch, length, past, x.device)
+        additive = self.embed_positions.additive(position_ids)
+        if additive is not None:
+            x = x + additive.to(x.dtype)
+        mask = self._mask(attention_mask, batch, length, past, cache)
+
+        hidden_states: list[Tensor] = []
+        attentions: list[Tensor] = []
+        for layer_idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x)
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            x, weights = layer(x, mask=mask, positional=self.embed_positions, position_ids=position_ids,
+                               cache=cache, layer_idx=layer_idx, need_weights=output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        if output_hidden_states:
+            hidden_states.append(x)  # each layer's input, then the final output, as in transformers
+        return (x, tuple(hidden_states) if output_hidden_states else None,
+                tuple(attentions) if output_attentions else None)
+
+    def _positions(self, attention_mask: Tensor | None, batch: int, length: int, past: int,
+                   device: torch.device) -> Tensor:
+        if attention_mask is None:
+            positions = torch.arange(past, past + length, device=device).expand(batch, length)
+        else:
+            positions = position_ids_from_mask(attention_mask, past)
+        if past + length > self.max_positions and int(positions.max()) >= self.max_positions:
+            raise InputError(
+                f"sequence of {past + length} tokens exceeds the model's maximum of {self.max_positions} "
+                "positions; shorten the input (or the generation length)"
+            )
+        return positions
+
+    def _mask(self, attention_mask: Tensor | None, batch: int, length: int, past: int,
+              cache: KVCache | None) -> AttentionMask:
+        kv_len = cache.attended_length(length) if cache is not None else length
+        key_padding = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, past + length):
+                raise InputError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) "
+                    f"= ({batch}, {past + length}); with a cache, pass the mask of the whole sequence so far"
+                )
+            key_padding = attention_mask.bool()
+            if bool(key_padding.all()):
+                key_padding = None
+            elif kv_len > past + length:  # static cache: slots not yet written are never attended
+                key_padding = F.pad(key_padding, (0, kv_len - past - length), value=False)
+        return AttentionMask(batch_size=batch, q_len=length, kv_len=kv_len, q_offset=past, key_padding=key_padding)
+
+
+class Model(nn.Module):
+    """An optkit model: decoder + head, called with transformers' keyword arguments."""
+
+    def __init__(self, *, decoder: Decoder, head: Head, spec: ModelSpec):
+        super().__init__()
+        self.decoder = decoder
+        self.head = head
+        self.spec = spec
+        self.check_inputs = True  # id range / shape checks; the fast decode path may turn them off
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _check(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            if self.check_inputs and input_ids.numel():
+                low, high = int(input_ids.min()), int(input_ids.max())
+                vocab = self.spec.decoder.vocab_size
+                if low < 0 or high >= vocab:
+                    bad = low if low < 0 else high
+                    raise InputError(f"token id {bad} is out of range for this model's vocabulary of {vocab} "
+                                     f"(valid ids: 0..{vocab - 1}); was the text encoded with another tokenizer?")
+        else:
+            width = self.decoder.embed_tokens.embedding_dim
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+                raise InputError(f"inputs_embeds must be (batch, length, {width}), got {tuple(inputs_embeds.shape)}")
+
+    def new_cache(self, batch_size: int, max_length: int | None = None, kind: str | None = None,
+                  **params: Any) -> KVCache:
+        """A fresh KV cache from the spec's kv_cache component (or ``kind``)."""
+        from optkit.builder import make_cache
+
+        return make_cache(self, batch_size=batch_size, max_length=max_length, kind=kind, **params)
+
+    def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None, labels: Tensor | None = None,
+                output_hidden_states: bool = False, output_attentions: bool = False, logits_to_keep: int | Tensor = 0,
+                start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> ModelOutput:
+        self._check(input_ids, inputs_embeds)
+        cache = past_key_values
+        if cache is None and use_cache:
+            ref = input_ids if input_ids is not None else inputs_embeds
+            cache = self.new_cache(ref.shape[0])
+        hidden, all_hidden, attentions = self.decoder(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions)
+        head_out = self.head(hidden, HeadInputs(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                                start_positions=start_positions, end_positions=end_positions,
+                                                logits_to_keep=logits_to_keep))
+        return ModelOutput(past_key_values=cache if (use_cache or past_key_values is not None) else None,
+                           hidden_states=all_hidden, attentions=attentions, **head_out)
+
+    # -- weights ----------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        self.head.tie_weights(self.decoder.embed_tokens)
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Write config.json + model.safetensors that transformers loads (see optkit.checkpoints)."""
+        from optkit.checkpoints import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    @property
+    def attention_backend(self) -> str:
+        return self.decoder.layers[0].self_attn.kernel.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

@@ -1,0 +1,45 @@
+"""The eager attention backend: the reference definition every other backend must match.
+
+softmax in fp32 over ``scale * q k^T`` with masked scores at ``finfo(dtype).min`` (as
+transformers' eager OPT), dropout on the probabilities, and zero output for query
+rows that may attend to nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import optkit
+from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
+from optkit.registry import Capabilities
+
+
+class EagerAttention(AttentionKernel):
+    name = "eager"
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, *, scale: float,
+                dropout_p: float = 0.0, need_weights: bool = False) -> AttentionResult:
+        scores = torch.matmul(query, key.transpose(-1, -2))
+        if scale != 1.0:
+            scores = scores * scale
+        allowed = mask.allowed(scores.device)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        if mask.has_empty_rows:
+            probs = probs.masked_fill(~mask.query_has_keys.to(probs.device), 0.0)
+        probs = probs.to(query.dtype)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        return AttentionResult(torch.matmul(probs, value), probs if need_weights else None)
+
+
+def eager(params, ctx) -> EagerAttention:
+    return EagerAttention()
+
+
+@optkit.hookimpl
+def optkit_register(registry) -> None:
+    registry.register("attention", "eager", eager, capabilities=Capabilities(attention_weights=True),
+                      description="reference: explicit softmax(q k^T) v in fp32; returns attention weights")

@@ -1,0 +1,102 @@
+"""KV caches: a growing one, and a preallocated one updated in place (CUDA-graph friendly)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from optkit.errors import InputError
+from optkit.interfaces import KVCache
+
+
+class DynamicCache(KVCache):
+    """Concatenates new keys/values per layer; memory grows with the sequence."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        keys = self.keys[layer_idx]
+        return 0 if keys is None else keys.shape[-2]
+
+    def attended_length(self, new_tokens: int) -> int:
+        return self.get_seq_length() + new_tokens
+
+    def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k.index_select(0, beam_idx), v.index_select(0, beam_idx)
+
+
+class StaticCache(KVCache):
+    """Fixed ``(batch, heads, max_length, head_dim)`` buffers per layer, written in place.
+
+    Attention always runs over all ``max_length`` slots; the causal mask (queries sit at
+    the stored length) keeps unwritten slots out.
+    """
+
+    def __init__(self, *, batch_size: int, max_length: int, num_layers: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, num_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self._max_length = max_length
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def attended_length(self, new_tokens: int) -> int:
+        return self._max_length
+
+    def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        start, length = self.lengths[layer_idx], key.shape[-2]
+        if start + length > self._max_length:
+            raise InputError(f"static KV cache holds {self._max_length} tokens; {start} stored + {length} new "
+                             "do not fit (create it with a larger max_length)")
+        self.keys[layer_idx][:, :, start:start + length].copy_(key)
+        self.values[layer_idx][:, :, start:start + length].copy_(value)
+        self.lengths[layer_idx] = start + length
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer.copy_(buffer.index_select(0, beam_idx))
+
+    def reset(self) -> None:
+        self.lengths = [0] * len(self.lengths)
+
+
+class StaticCacheParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int | None = Field(default=None, gt=0, description="capacity; default: the model's max positions")
+
+
+def dynamic_cache(params, ctx):
+    def make(*, num_layers: int, **_: object) -> DynamicCache:
+        return DynamicCache(num_layers)
+
+    return make
+
+
+def static_cache(params: StaticCacheParams, ctx):
+    def make(*, max_length: int | None, max_positions: int, **shape: object) -> StaticCache:
+        return StaticCache(max_length=max_length or params.max_length or max_positions, **shape)
+
+    return make
