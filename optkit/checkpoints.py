@@ -1,0 +1,376 @@
+"""Hugging Face OPT checkpoints in and out.
+
+Reads ``config.json`` + weights (``model.safetensors``, sharded safetensors with an
+index, or ``pytorch_model.bin`` loaded with ``weights_only=True``; never arbitrary
+pickle), with or without the ``model.`` prefix and with or without ``lm_head.weight``.
+Writes ``config.json`` + safetensors that ``transformers`` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from optkit.errors import CheckpointError, CheckpointNotFoundError, SpecValidationError
+from optkit.spec import ModelSpec, validate_spec
+
+CONFIG_NAME = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+HEAD_PREFIXES = ("lm_head", "score", "qa_outputs")
+# Keys that real checkpoints carry and no model needs (fairseq leftovers, rotary buffers).
+IGNORED_KEYS = re.compile(r"(^|\.)(version|_float_tensor|inv_freq)$")
+HEADS = {
+    "causal_lm": "OPTForCausalLM",
+    "base": "OPTModel",
+    "sequence_classification": "OPTForSequenceClassification",
+    "question_answering": "OPTForQuestionAnswering",
+}
+
+
+# -- config.json <-> ModelSpec ----------------------------------------------------------------
+def spec_from_hf_config(config: dict[str, Any], *, head: str = "causal_lm", num_labels: int | None = None,
+                        source: str | None = None) -> ModelSpec:
+    """An OPT ``config.json`` as an optkit spec (every OPTConfig field that changes the forward)."""
+    model_type = config.get("model_type")
+    if model_type != "opt":
+        raise CheckpointError(f"{source or 'config.json'}: model_type is {model_type!r}; optkit loads 'opt' checkpoints")
+    g = config.get
+    hidden = g("hidden_size", 768)
+    pre = g("do_layer_norm_before", True)
+    head_params: dict[str, Any] = {}
+    if head == "causal_lm":
+        head_params["tie_word_embeddings"] = g("tie_word_embeddings", True)
+    elif head == "sequence_classification":
+        labels = num_labels or g("num_labels") or len(g("id2label") or {}) or 2
+        head_params = {"num_labels": labels, "problem_type": g("problem_type")}
+    data = {
+        "family": "opt",
+        "decoder": {
+            "vocab_size": g("vocab_size", 50272),
+            "hidden_size": hidden,
+            "num_layers": g("num_hidden_layers", 12),
+            "num_heads": g("num_attention_heads", 12),
+            "ffn_dim": g("ffn_dim", 3072),
+            "max_positions": g("max_position_embeddings", 2048),
+            "word_embed_proj_dim": g("word_embed_proj_dim") or hidden,
+            "norm_position": "pre" if pre else "post",
+            "final_norm": bool(pre and not g("_remove_final_layer_norm", False)),
+            "bias": g("enable_bias", True),
+            "dropout": g("dropout", 0.1),
+            "attention_dropout": g("attention_dropout", 0.0),
+            "layerdrop": g("layerdrop", 0.0),
+            "init_std": g("init_std", 0.02),
+            "mlp": {"name": "ffn", "params": {"activation": g("activation_function", "relu")}},
+            "norm": {"name": "layernorm",
+                     "params": {"eps": 1e-5, "elementwise_affine": g("layer_norm_elementwise_affine", True)}},
+        },
+        "head": {"name": head, "params": head_params},
+        "tokens": {"pad_token_id": g("pad_token_id", 1), "bos_token_id": g("bos_token_id", 2),
+                   "eos_token_id": g("eos_token_id", 2)},
+    }
+    if data["decoder"]["word_embed_proj_dim"] == hidden:
+        data["decoder"]["word_embed_proj_dim"] = None
+    return validate_spec(data, source=source)
+
+
+def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The OPT ``config.json`` transformers needs to rebuild this model."""
+    d = spec.decoder
+    problems = []
+    expected = {"token_embedding": "learned", "positional_embedding": "learned", "mlp": "ffn", "norm": "layernorm"}
+    for kind, name in expected.items():
+        if getattr(d, kind).name != name:
+            problems.append(f"decoder.{kind}: '{getattr(d, kind).name}' has no OPT equivalent (needs '{name}')")
+    if d.positional_embedding.params.get("offset", 2) != 2:
+        problems.append("decoder.positional_embedding.params.offset: OPT checkpoints need 2")
+    if d.norm.params.get("eps", 1e-5) != 1e-5:
+        problems.append("decoder.norm.params.eps: OPT's LayerNorm eps is fixed at 1e-5")
+    if d.query_scaling != "projection":
+        problems.append("decoder.query_scaling: OPT scales q after the projection")
+    if spec.head.name not in HEADS:
+        problems.append(f"head: '{spec.head.name}' has no transformers OPT class")
+    if problems:
+        raise SpecValidationError(problems, source="save_pretrained (transformers OPT config)")
+    config: dict[str, Any] = {
+        "architectures": [HEADS[spec.head.name]],
+        "model_type": "opt",
+        "vocab_size": d.vocab_size,
+        "hidden_size": d.hidden_size,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "ffn_dim": d.ffn_dim,
+        "max_position_embeddings": d.max_positions,
+        "word_embed_proj_dim": d.embed_dim,
+        "do_layer_norm_before": d.norm_position == "pre",
+        "_remove_final_layer_norm": d.norm_position == "pre" and not d.final_norm,
+        "enable_bias": d.bias,
+        "layer_norm_elementwise_affine": d.norm.params.get("elementwise_affine", True),
+        "activation_function": d.mlp.params.get("activation", "relu"),
+        "dropout": d.dropout,
+        "attention_dropout": d.attention_dropout,
+        "layerdrop": d.layerdrop,
+        "init_std": d.init_std,
+        "pad_token_id": spec.tokens.pad_token_id,
+        "bos_token_id": spec.tokens.bos_token_id,
+        "eos_token_id": spec.tokens.eos_token_id,
+        "tie_word_embeddings": spec.head.params.get("tie_word_embeddings", True),
+        "use_cache": True,
+    }
+    if spec.head.name == "sequence_classification":
+        labels = spec.head.params.get("num_labels", 2)
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+        if spec.head.params.get("problem_type"):
+            config["problem_type"] = spec.head.params["problem_type"]
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return config
+
+
+# -- key names ----------------------------------------------------------------------------------
+_MLP_HF = re.compile(r"^(decoder\.layers\.\d+\.)(fc1|fc2)\.")
+_MLP_OPTKIT = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.(fc1|fc2)\.")
+
+
+def optkit_key(hf_key: str) -> str | None:
+    """transformers' OPT key -> optkit's module path (None: a key nothing needs)."""
+    if IGNORED_KEYS.search(hf_key):
+        return None
+    key = hf_key.removeprefix("model.")
+    for prefix in HEAD_PREFIXES:
+        if key.startswith(prefix + "."):
+            return f"head[{prefix}]." + key[len(prefix) + 1:]
+    return _MLP_HF.sub(r"\1mlp.\2.", key)
+
+
+def hf_key(key: str, head_prefix: str, *, base_model: bool) -> str:
+    """optkit's module path -> transformers' OPT key."""
+    if key.startswith("head."):
+        return f"{head_prefix}.{key[len('head.'):]}"
+    key = _MLP_OPTKIT.sub(r"\1\2.", key)
+    return key if base_model else f"model.{key}"
+
+
+# -- reading ------------------------------------------------------------------------------------
+def resolve_checkpoint_dir(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                           local_files_only: bool | None = None) -> Path:
+    """A local directory, or a Hub id resolved through huggingface_hub's cache (offline when cached)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointNotFoundError(f"{path} is a file; pass the directory that holds config.json and the weights")
+    name = str(path_or_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointNotFoundError(f"checkpoint directory {name} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", PICKLE_INDEX]
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception as cached_exc:  # noqa: BLE001 - any failure means "not cached"
+        if local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise CheckpointNotFoundError(
+                f"'{name}' is not a local directory and is not in the Hugging Face cache ({HF_HUB_CACHE}); "
+                f"offline mode is on, so it was not downloaded ({type(cached_exc).__name__})") from None
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=[CONFIG_NAME, "*.safetensors",
+                                                                                SAFETENSORS_INDEX]))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointNotFoundError(
+            f"cannot find checkpoint '{name}': it is not a local directory, not in the Hugging Face cache "
+            f"({HF_HUB_CACHE}), and downloading it failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            f"Check the id, or download it where the Hub is reachable (`hf download {name}`) and pass the "
+            "directory") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint, safetensors preferred."""
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [directory / s for s in shards]
+    for name in (SAFETENSORS, PICKLE):
+        if (directory / name).is_file():
+            return [directory / name]
+    found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+    raise CheckpointError(f"no weights in {directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {PICKLE} or "
+                          f"{PICKLE_INDEX}; found {found}")
+
+
+def read_state_dict(files: Iterable[Path]) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(load_file(str(file)))
+        else:  # never unpickle arbitrary objects
+            try:
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"cannot read {file} with weights_only=True ({exc}); optkit refuses to "
+                                      "unpickle arbitrary objects: convert it to safetensors") from None
+    return state
+
+
+def _to_canonical(raw: dict[str, Tensor], head_prefix: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Checkpoint keys -> optkit keys; keys of other heads are dropped (and reported)."""
+    state, other_heads = {}, []
+    for key, tensor in raw.items():
+        mapped = optkit_key(key)
+        if mapped is None:
+            continue
+        if mapped.startswith("head["):
+            prefix, rest = mapped[len("head["):].split("].", 1)
+            if prefix != head_prefix:
+                other_heads.append(key)
+                continue
+            mapped = "head." + rest
+        state[mapped] = tensor
+    return state, other_heads
+
+
+def load_weights(model: Any, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
+                 source: str) -> None:
+    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch."""
+    head_prefix = model.head.checkpoint_prefix
+    state, _ = _to_canonical(raw, head_prefix)
+    tied = getattr(model.head, "tied", False)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if tied:
+        state.pop("head.weight", None)  # tied: the token embedding is the LM head
+        expected.pop("head.weight", None)
+    missing = [k for k in expected if k not in state]
+    head_missing = [k for k in missing if k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith("head.")]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {source} does not fit the model its config.json describes:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    converted = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
+                 for k, t in state.items()}
+    if head_missing:
+        converted.update(_fresh_head_state(model, device, dtype))
+        warnings.warn(f"{source} has no weights for the {model.spec.head.name} head "
+                      f"({', '.join(head_missing)}): they are newly initialized; train them before use",
+                      stacklevel=3)
+    model.load_state_dict(converted, strict=False, assign=True)
+    model.tie_weights()
+
+
+def _fresh_head_state(model: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    from optkit import registry
+    from optkit.builder import BuildContext
+
+    ctx = BuildContext(spec=model.spec, registry=registry, device=device, dtype=dtype)
+    ctx.extras["token_embedding"] = model.decoder.embed_tokens
+    with torch.device(device):
+        head = ctx.create("head")
+    return {f"head.{k}": v.to(dtype) for k, v in head.state_dict().items()}
+
+
+def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", attention: Any = None,
+                    linear: Any = None, kv_cache: Any = None, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, num_labels: int | None = None,
+                    revision: str | None = None, local_files_only: bool | None = None) -> Any:
+    """Load an OPT checkpoint (directory or Hub id) into an optkit model.
+
+    ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
+    checkpoint's ``torch_dtype``.
+    """
+    from optkit.builder import build
+
+    directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if head not in HEADS:
+        raise SpecValidationError([f"head: unknown head '{head}' (available: {', '.join(HEADS)})"])
+    spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
+    spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
+    if dtype == "auto":
+        dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    raw = read_state_dict(weight_files(directory))
+    model = build(spec, dtype=dtype, device="meta", target_device=device)
+    load_weights(model, raw, device=device, dtype=dtype, source=str(path_or_id))
+    return model.eval()
+
+
+# -- writing ------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """``config.json`` + safetensors in transformers' OPT layout (sharded with an index when large)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = hf_config_from_spec(model.spec, model.dtype)
+    base = model.spec.head.name == "base"
+    tied = getattr(model.head, "tied", False)
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if tied and key == "head.weight":
+            continue
+        tensors[hf_key(key, model.head.checkpoint_prefix, base_model=base)] = tensor.detach().to("cpu").contiguous()
+    shards = _shard(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _atomic_write(directory / SAFETENSORS, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(directory / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(directory / SAFETENSORS_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def _shard(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
