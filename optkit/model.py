@@ -238,6 +238,12 @@ class Model(nn.Module):
         return ModelOutput(past_key_values=cache if (use_cache or past_key_values is not None) else None,
                            hidden_states=all_hidden, attentions=attentions, **head_out)
 
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        """Prompt + new tokens, like transformers' ``generate`` (see optkit.generation)."""
+        from optkit.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
     # -- weights ----------------------------------------------------------------------------
     def tie_weights(self) -> None:
         self.head.tie_weights(self.decoder.embed_tokens)

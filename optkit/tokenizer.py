@@ -312,11 +312,13 @@ class Tokenizer:
         written.append(self._save_backend_json(directory / "tokenizer.json"))
         special = {role: _added_token_entry(self.backend, tok) for role, tok in self._special_items()}
         written.append(_write_json(directory / "special_tokens_map.json", special))
-        written.append(_write_json(directory / "tokenizer_config.json", self._config_dict(special)))
+        written.append(_write_json(directory / "tokenizer_config.json", self._config_dict()))
         return tuple(written)
 
     def _special_items(self) -> list[tuple[str, str]]:
-        return [(role, getattr(self.special_tokens, role)) for role in _SPECIAL_ROLES if getattr(self.special_tokens, role)]
+        """(role, token) for the roles this tokenizer has."""
+        pairs = [(role, getattr(self.special_tokens, role)) for role in _SPECIAL_ROLES]
+        return [(role, token) for role, token in pairs if token is not None]
 
     def _save_backend_json(self, path: Path) -> Path:
         """tokenizer.json whose post-processor adds the BOS exactly when this tokenizer does."""
@@ -325,7 +327,8 @@ class Tokenizer:
         backend.save(str(path))
         return path
 
-    def _config_dict(self, special: dict[str, dict]) -> dict[str, Any]:
+    def _config_dict(self) -> dict[str, Any]:
+        """transformers' current layout: special tokens as strings, their options in added_tokens_decoder."""
         added = {
             str(i): {**_token_entry(tok), "special": tok.special}
             for i, tok in sorted(self.backend.get_added_tokens_decoder().items())
@@ -337,7 +340,7 @@ class Tokenizer:
             "errors": "replace",
             "clean_up_tokenization_spaces": False,
             "added_tokens_decoder": added,
-            **special,
+            **dict(self._special_items()),
         }
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
@@ -380,6 +383,8 @@ def _resolve_directory(
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise TokenizerNotFoundError(f"{str(path)!r} is a file; pass the directory holding {_looked_for()}.")
     problems: list[str] = []
     for local_only in (True, False):
         where = "local Hub cache" if local_only else "Hub download"
@@ -467,21 +472,31 @@ def _token_content(entry: str | dict[str, Any] | None) -> str | None:
 
 
 def _register_special_tokens(backend: BackendTokenizer, config: dict[str, Any]) -> _SpecialTokens:
-    """Add the configured special tokens so they are matched in text and skippable when decoding."""
-    tokens: list[AddedToken] = []
+    """Add the configured special tokens so they are matched in text and skippable when decoding.
+
+    Options (lstrip, rstrip, ...) come from ``added_tokens_decoder`` when it lists the token.
+    """
+    tokens: dict[str, AddedToken] = {}
     for entry in (config.get("added_tokens_decoder") or {}).values():
-        tokens.append(_added_token(entry, special=bool(entry.get("special", False))))
-    for entry in config.get("additional_special_tokens") or []:
-        tokens.append(_added_token(entry, special=True))
-    roles: dict[str, str | None] = {}
-    for role in _SPECIAL_ROLES:
-        entry = config[role] if role in config else _default_special(backend, role)
-        roles[role] = _token_content(entry)
-        if entry is not None:
-            tokens.append(_added_token(entry, special=True))
-    backend.add_special_tokens([t for t in tokens if t.special])
-    backend.add_tokens([t for t in tokens if not t.special])
-    return _SpecialTokens(**roles)
+        token = _added_token(entry, special=bool(entry.get("special", False)))
+        tokens[token.content] = token
+    roles = {role: config[role] if role in config else _default_special(backend, role) for role in _SPECIAL_ROLES}
+    for entry in [*_extra_special_tokens(config), *roles.values()]:
+        if entry is not None and _token_content(entry) not in tokens:
+            token = _added_token(entry, special=True)
+            tokens[token.content] = token
+    backend.add_special_tokens([t for t in tokens.values() if t.special])
+    backend.add_tokens([t for t in tokens.values() if not t.special])
+    return _SpecialTokens(**{role: _token_content(entry) for role, entry in roles.items()})
+
+
+def _extra_special_tokens(config: dict[str, Any]) -> list[str | dict[str, Any]]:
+    """``additional_special_tokens`` (transformers 4.x) / ``extra_special_tokens`` (5.x) as a list."""
+    extra = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key) or []
+        extra.extend(value.values() if isinstance(value, dict) else value)
+    return extra
 
 
 def _default_special(backend: BackendTokenizer, role: str) -> str | None:

@@ -1,0 +1,122 @@
+"""The ``optkit`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+import torch
+
+from optkit.errors import OptkitError
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from optkit import registry
+
+    registry.ensure_loaded()
+    if args.json:
+        print(json.dumps([{"name": p.name, "distribution": p.distribution, "version": p.version,
+                           "status": p.status, "reason": p.reason,
+                           "components": [f"{k}:{n}" for k, n in p.components]} for p in registry.plugins], indent=2))
+        return 0
+    for p in registry.plugins:
+        status = p.status if not p.reason else f"{p.status}: {p.reason}"
+        print(f"{p.name} ({p.distribution} {p.version}) [{status}]")
+        for kind, name in p.components:
+            print(f"    {kind}: {name}")
+    if not registry.plugins:
+        print("no optkit plugins are installed (is optkit installed with pip?)")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    """Every component, usable or not on this machine, with the reasons (like xformers.info)."""
+    from optkit import registry
+    from optkit.presets import registry_file
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}; cuda available: {torch.cuda.is_available()}; checking {device.type}/{args.dtype}")
+    for entry in registry.registrations():
+        reasons = entry.unavailable_reasons(device, dtype)
+        state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+        print(f"{entry.kind:21} {entry.name:24} {state}  [{entry.provider.plugin}]")
+    for kind, entries in registry_file().catalogue.items():
+        for name, item in entries.items():
+            if (kind, name) not in registry:
+                print(f"{kind:21} {name:24} not installed: {item.install or item.package}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from optkit.spec import load_spec
+
+    failed = 0
+    for source in args.specs:
+        try:
+            spec = load_spec(source)
+        except OptkitError as exc:
+            failed += 1
+            print(f"{source}: INVALID\n{exc}", file=sys.stderr)
+            continue
+        print(f"{source}: ok ({spec.decoder.num_layers} layers, hidden {spec.decoder.hidden_size}, "
+              f"attention {spec.decoder.attention.name}, head {spec.head.name})")
+        if args.show:
+            print(spec.to_yaml())
+    return 1 if failed else 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from optkit.presets import registry_file
+
+    for name, preset in registry_file().presets.items():
+        if preset.abstract:
+            continue
+        aliases = f" (aliases: {', '.join(preset.aliases)})" if preset.aliases else ""
+        print(f"{name}{aliases}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optkit", description="Assemble, load and run OPT-family models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list installed plugins, their status and what they register")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plugins)
+    p = sub.add_parser("info", help="which components can run here, and why not")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("validate", help="validate model spec YAML files or preset names")
+    p.add_argument("specs", nargs="+")
+    p.add_argument("--show", action="store_true", help="print the resolved spec")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("presets", help="list model presets from registry.yaml")
+    p.set_defaults(func=_cmd_presets)
+    _register_extra_commands(sub)
+    return parser
+
+
+def _register_extra_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands defined in other modules (generation) register here when present."""
+    try:
+        from optkit.cli_run import register as register_run
+    except ImportError:
+        return
+    register_run(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except OptkitError as exc:
+        print(f"optkit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
