@@ -101,11 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_extra_commands(sub: argparse._SubParsersAction) -> None:
     """Commands defined in other modules (generation) register here when present."""
-    try:
-        from optkit.cli_run import register as register_run
-    except ImportError:
-        return
-    register_run(sub)
+    import importlib
+
+    for module in ("optkit.cli_run", "optkit.cli_train"):
+        try:
+            register = importlib.import_module(module).register
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from optkit.errors import InputError
 from optkit.interfaces import (
@@ -113,6 +114,7 @@ class Decoder(nn.Module):
         self.project_out = project_out
         self.max_positions = max_positions
         self.layerdrop = layerdrop
+        self.gradient_checkpointing = False  # recompute each layer in backward to save memory
 
     def forward(self, *, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
                 position_ids: Tensor | None, cache: KVCache | None, output_hidden_states: bool,
@@ -136,8 +138,15 @@ class Decoder(nn.Module):
                 hidden_states.append(x)
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
-            x, weights = layer(x, mask=mask, positional=self.embed_positions, position_ids=position_ids,
-                               cache=cache, layer_idx=layer_idx, need_weights=output_attentions)
+            args = dict(mask=mask, positional=self.embed_positions, position_ids=position_ids, cache=cache,
+                        layer_idx=layer_idx, need_weights=output_attentions)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                if cache is not None:
+                    raise InputError("gradient checkpointing recomputes layers and cannot fill a KV cache; "
+                                     "pass use_cache=False when training")
+                x, weights = checkpoint(layer, x, use_reentrant=False, **args)
+            else:
+                x, weights = layer(x, **args)
             if output_attentions:
                 attentions.append(weights)
         if self.final_layer_norm is not None:
@@ -210,6 +219,10 @@ class Model(nn.Module):
             width = self.decoder.embed_tokens.embedding_dim
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
                 raise InputError(f"inputs_embeds must be (batch, length, {width}), got {tuple(inputs_embeds.shape)}")
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute every layer during backward instead of storing its activations."""
+        self.decoder.gradient_checkpointing = enabled
 
     def new_cache(self, batch_size: int, max_length: int | None = None, kind: str | None = None,
                   **params: Any) -> KVCache:
