@@ -220,6 +220,15 @@ class Model(nn.Module):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
                 raise InputError(f"inputs_embeds must be (batch, length, {width}), got {tuple(inputs_embeds.shape)}")
 
+    def _check_attention_weights(self) -> None:
+        from optkit import registry
+
+        name = self.attention_backend
+        if ("attention", name) in registry and not registry.get("attention", name).capabilities.attention_weights:
+            able = [r.name for r in registry.registrations("attention") if r.capabilities.attention_weights]
+            raise InputError(f"attention backend '{name}' cannot return attention weights; "
+                             f"switch with optkit.set_backend(model, attention='{able[0] if able else 'eager'}')")
+
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute every layer during backward instead of storing its activations."""
         self.decoder.gradient_checkpointing = enabled
@@ -237,6 +246,8 @@ class Model(nn.Module):
                 output_hidden_states: bool = False, output_attentions: bool = False, logits_to_keep: int | Tensor = 0,
                 start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> ModelOutput:
         self._check(input_ids, inputs_embeds)
+        if output_attentions:
+            self._check_attention_weights()
         cache = past_key_values
         if cache is None and use_cache:
             ref = input_ids if input_ids is not None else inputs_embeds
