@@ -173,6 +173,9 @@ class Decoder(nn.Module):
 
     def _mask(self, attention_mask: Tensor | None, batch: int, length: int, past: int,
               cache: KVCache | None) -> AttentionMask:
+        if cache is not None and cache.max_length is not None and past + length > cache.max_length:
+            raise InputError(f"the KV cache holds {cache.max_length} tokens; {past} stored + {length} new do not fit "
+                             "(create it with a larger max_length)")
         kv_len = cache.attended_length(length) if cache is not None else length
         key_padding = None
         if attention_mask is not None:

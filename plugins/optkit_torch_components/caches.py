@@ -66,7 +66,7 @@ class StaticCache(KVCache):
     def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         start, length = self.lengths[layer_idx], key.shape[-2]
         if start + length > self._max_length:
-            raise InputError(f"static KV cache holds {self._max_length} tokens; {start} stored + {length} new "
+            raise InputError(f"the KV cache holds {self._max_length} tokens; {start} stored + {length} new "
                              "do not fit (create it with a larger max_length)")
         self.keys[layer_idx][:, :, start:start + length].copy_(key)
         self.values[layer_idx][:, :, start:start + length].copy_(value)
