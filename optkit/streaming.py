@@ -122,7 +122,9 @@ class TextIteratorStreamer(TextStreamer):
         skip_special_tokens: bool = False,
         timeout: float | None = None,
     ) -> None:
-        super().__init__(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=skip_special_tokens, on_text=self._enqueue)
+        super().__init__(
+            tokenizer, skip_prompt=skip_prompt, skip_special_tokens=skip_special_tokens, on_text=self._enqueue
+        )
         self.timeout = timeout
         self._queue: queue.Queue[Any] = queue.Queue()
 

@@ -21,7 +21,7 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-__all__ = ["BatchEncoding", "Tokenizer", "TokenizerNotFoundError", "TOKENIZER_FILES"]
+__all__ = ["BatchEncoding", "SpecialTokens", "Tokenizer", "TokenizerNotFoundError", "TOKENIZER_FILES"]
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 _SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -56,8 +56,8 @@ class BatchEncoding(dict):
 
 
 @dataclass(frozen=True)
-class _SpecialTokens:
-    """The role -> token string table, resolved against the vocabulary."""
+class SpecialTokens:
+    """Which token plays each role (None: the tokenizer has no such token)."""
 
     bos_token: str | None
     eos_token: str | None
@@ -74,7 +74,7 @@ class Tokenizer:
     def __init__(
         self,
         backend: BackendTokenizer,
-        special_tokens: _SpecialTokens,
+        special_tokens: SpecialTokens,
         *,
         add_bos: bool = True,
         add_prefix_space: bool = False,
@@ -471,7 +471,7 @@ def _token_content(entry: str | dict[str, Any] | None) -> str | None:
     return entry.get("content") if isinstance(entry, dict) else entry
 
 
-def _register_special_tokens(backend: BackendTokenizer, config: dict[str, Any]) -> _SpecialTokens:
+def _register_special_tokens(backend: BackendTokenizer, config: dict[str, Any]) -> SpecialTokens:
     """Add the configured special tokens so they are matched in text and skippable when decoding.
 
     Options (lstrip, rstrip, ...) come from ``added_tokens_decoder`` when it lists the token.
@@ -487,7 +487,7 @@ def _register_special_tokens(backend: BackendTokenizer, config: dict[str, Any]) 
             tokens[token.content] = token
     backend.add_special_tokens([t for t in tokens.values() if t.special])
     backend.add_tokens([t for t in tokens.values() if not t.special])
-    return _SpecialTokens(**{role: _token_content(entry) for role, entry in roles.items()})
+    return SpecialTokens(**{role: _token_content(entry) for role, entry in roles.items()})
 
 
 def _extra_special_tokens(config: dict[str, Any]) -> list[str | dict[str, Any]]:
@@ -505,7 +505,9 @@ def _default_special(backend: BackendTokenizer, role: str) -> str | None:
     return token if backend.token_to_id(token) is not None else None
 
 
-def _default_add_bos(backend: BackendTokenizer, config: dict[str, Any], special: _SpecialTokens, directory: Path) -> bool:
+def _default_add_bos(
+    backend: BackendTokenizer, config: dict[str, Any], special: SpecialTokens, directory: Path
+) -> bool:
     """Whether the files ask for a BOS: tokenizer.json's post-processor, else the config, else OPT's yes."""
     if (directory / "tokenizer.json").is_file() and backend.post_processor is not None:
         bos_id = backend.token_to_id(special.bos_token) if special.bos_token else None
@@ -564,7 +566,7 @@ def _as_id_list(ids: Any) -> list[int]:
 
 def _padding_mode(padding: bool | str, max_length: int | None) -> str:
     """Normalise transformers' padding argument to do_not_pad / longest / max_length."""
-    modes = {False: "do_not_pad", True: "longest", "do_not_pad": "do_not_pad", "longest": "longest", "max_length": "max_length"}
+    modes = {False: "do_not_pad", True: "longest", **{name: name for name in ("do_not_pad", "longest", "max_length")}}
     if padding not in modes:
         raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
     mode = modes[padding]
