@@ -24,6 +24,7 @@ from optkit.errors import PluginLoadError, PluginLoadWarning
 if TYPE_CHECKING:
     from optkit.registry import Registry
 
+PLUGIN_API = 1  # major version of the hook + registration API; plugins declare `OPTKIT_PLUGIN_API = 1`
 PROJECT = "optkit"
 ENTRY_POINT_GROUP = "optkit"
 FIRST_PARTY = "optkit"
@@ -105,6 +106,13 @@ def load_entry_points(registry: "Registry", eps: Iterable[EntryPoint] | None = N
             manager.register(module, name=ep.name)
         except Exception as exc:  # noqa: BLE001 - isolate every plugin
             _fail(registry, record, f'error importing optkit plugin "{ep.name}" ({dist_name})', exc)
+            continue
+        declared = getattr(module, "OPTKIT_PLUGIN_API", PLUGIN_API)
+        if declared != PLUGIN_API:
+            _fail(registry, record, f'optkit plugin "{ep.name}" ({dist_name}) is refused',
+                  RuntimeError(f"it was built for optkit plugin API {declared}; this optkit provides API {PLUGIN_API}: "
+                               "install a plugin release made for this optkit, or an optkit that matches the plugin"))
+            manager.unregister(name=ep.name)
             continue
         try:
             manager.check_pending()

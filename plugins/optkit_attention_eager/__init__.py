@@ -15,6 +15,8 @@ import optkit
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
 from optkit.registry import Capabilities
 
+OPTKIT_PLUGIN_API = 1
+
 
 class EagerAttention(AttentionKernel):
     name = "eager"

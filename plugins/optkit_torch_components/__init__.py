@@ -6,12 +6,10 @@ Registered through the ``optkit`` entry-point group like any third-party plugin.
 from __future__ import annotations
 
 import optkit
-from optkit.registry import Capabilities
 
 from . import caches, embeddings, heads, layers
 
-# A head computes no attention; it runs wherever torch runs.
-ANYWHERE = Capabilities()
+OPTKIT_PLUGIN_API = 1
 
 
 @optkit.hookimpl
