@@ -128,13 +128,17 @@ def _call_hook(registry, manager, module, record, provider, duplicate_error) -> 
     impls = [impl for impl in manager.hook.optkit_register.get_hookimpls() if impl.plugin is module]
     with registry.providing(provider):
         for impl in impls:
-            before = {(r.kind, r.name) for r in registry.registrations()}
+            before = {(r.kind, r.name): r for r in registry.registrations()}
             try:
                 impl.function(registry=registry)
             except duplicate_error:
                 raise
-            except Exception as exc:  # noqa: BLE001
-                for kind, name in {(r.kind, r.name) for r in registry.registrations()} - before:
-                    registry.unregister(kind, name)
+            except Exception as exc:  # noqa: BLE001 - roll back additions and overrides alike
+                for entry in registry.registrations():
+                    key = (entry.kind, entry.name)
+                    if key not in before:
+                        registry.unregister(*key)
+                    elif before[key] is not entry:
+                        registry._items[entry.kind][entry.name] = before[key]
                 record.components.clear()
                 _fail(registry, record, f'the optkit_register hook of plugin "{record.name}" raised', exc)

@@ -128,7 +128,9 @@ class Registry:
 
             try:
                 load_entry_points(self)
-            except BaseException:
+            except BaseException:  # leave no half-loaded state behind for the next attempt
+                self._items = {kind: {} for kind in KINDS}
+                self.plugins = []
                 self._loaded = False
                 raise
 
@@ -206,15 +208,19 @@ class Registry:
     def unknown_message(self, kind: str, name: str) -> str:
         available = sorted(self._items[kind])
         message = f"unknown {kind} '{name}' (available: {', '.join(available) or 'none'})"
-        from optkit.presets import catalogue_entry
+        from optkit.presets import catalogue_entry, registry_file
 
         hint = catalogue_entry(kind, name)
         if hint is not None and hint.install:
             message += f"; '{name}' is provided by {hint.package}: install it with `{hint.install}`"
         else:
-            close = difflib.get_close_matches(name, available, n=1)
+            catalogued = [n for n in registry_file().catalogue.get(kind, {}) if n not in available]
+            close = difflib.get_close_matches(name, available + catalogued, n=1)
             if close:
                 message += f"; did you mean '{close[0]}'?"
+                hint = catalogue_entry(kind, close[0])
+                if close[0] not in available and hint is not None and hint.install:
+                    message += f" '{close[0]}' is provided by {hint.package}: install it with `{hint.install}`"
         broken = [p for p in self.plugins if p.status == "broken"]
         if broken:
             message += "; broken plugins: " + ", ".join(f"{p.name} ({p.reason})" for p in broken)
@@ -242,4 +248,5 @@ class Registry:
             if not reasons:
                 return entry
             refusals.append(f"{entry.name}: {'; '.join(reasons)}")
-        raise BackendUnavailableError(f"no usable {kind} for {device}/{dtype}: " + " | ".join(refusals))
+        raise BackendUnavailableError(f"no usable {kind} for {torch.device(device).type}/"
+                                      f"{str(dtype).removeprefix('torch.')}: " + " | ".join(refusals))

@@ -152,10 +152,11 @@ def resolve_raw(name_or_path: str | Path | dict[str, Any], _seen: tuple[str, ...
         data, here = dict(name_or_path), _base_dir
     else:
         key = str(name_or_path)
-        if key in _seen:
-            raise SpecValidationError([f"extends: cycle {' -> '.join(_seen + (key,))}"])
-        _seen = _seen + (key,)
         candidate = Path(key) if _base_dir is None or Path(key).is_absolute() else _base_dir / key
+        ident = str(candidate.resolve()) if candidate.is_file() else key  # one name per file
+        if ident in _seen:
+            raise SpecValidationError([f"extends: cycle {' -> '.join(_seen + (ident,))}"])
+        _seen = _seen + (ident,)
         if canonical_preset_name(key) is not None and not candidate.is_file():
             data, here = preset_spec(key), None
         elif _looks_like_path(key) or candidate.is_file():
@@ -254,8 +255,17 @@ def _names_only_problems(data: dict[str, Any], registry: Any) -> list[str]:
     refs = [(f"decoder.{k}", k, data["decoder"].get(k)) for k in DECODER_COMPONENTS] + [("head", "head", data.get("head"))]
     for path, kind, raw in refs:
         name = raw if isinstance(raw, str) else raw.get("name") if isinstance(raw, dict) else None
-        if isinstance(name, str) and name != AUTO and (kind, name) not in registry:
+        if not isinstance(name, str) or not name or name == AUTO:
+            continue  # phase 1 already reported a missing or empty name
+        if (kind, name) not in registry:
             problems.append(f"{path}: {registry.unknown_message(kind, name)}")
+            continue
+        params = raw.get("params", {}) if isinstance(raw, dict) else {}
+        if isinstance(params, dict):
+            try:
+                registry.get(kind, name).params.model_validate(params)
+            except ValidationError as exc:
+                problems.extend(_pydantic_problems(exc, prefix=f"{path}.params"))
     return problems
 
 
@@ -272,7 +282,10 @@ def load_spec(name_or_path: str | Path | dict[str, Any], **overrides: Any) -> Mo
 
 
 def spec_from_yaml(text: str) -> ModelSpec:
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecValidationError([f"not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise SpecValidationError([f"expected a mapping at the top level, got {type(data).__name__}"])
     return validate_spec(resolve_raw(data))

@@ -1,0 +1,489 @@
+"""Text generation over the KV cache: greedy, sampling and beam search, like transformers' ``generate``.
+
+The prompt is run once (prefill), then one token per step with ``logits_to_keep=1``. Semantics follow
+transformers 5.x so its ``generate`` can serve as the oracle: the default length (20 tokens in total),
+EOS handling (finished rows are padded with ``pad_token_id``), the logits processors and their order,
+and beam search with ``length_penalty`` / ``early_stopping``. Deliberate differences:
+
+* every bad argument is one ``InputError`` raised before any compute (transformers warns on some, for
+  example it generates one token when the prompt is already longer than ``max_length``);
+* ``no_repeat_ngram_size`` ignores left padding, as the repetition penalty does in transformers, so a
+  left-padded row behaves exactly as it does alone (transformers counts n-grams over pad tokens too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from optkit.errors import InputError
+
+DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default: prompt + new tokens
+DEFAULT_TOP_K = 50  # transformers' default when sampling and top_k is unset
+NEG_LARGE = -1.0e9  # transformers' "impossible" beam score; kept so beam rankings match bit for bit
+
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
+"""(token ids so far (rows, length), next-token scores (rows, vocab)) -> processed scores."""
+
+
+class Streamer(Protocol):
+    def put(self, value: Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated generation arguments, lengths resolved."""
+
+    max_length: int  # prompt + new tokens
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int  # 0: off
+    top_p: float | None
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    early_stopping: bool | str
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+
+# -- logits processors: small functions, composed in transformers' order -------------------------
+def repetition_penalty(penalty: float, prompt_start: Tensor) -> LogitsProcessor:
+    """Make tokens already in the row less likely (CTRL); left padding before ``prompt_start`` is ignored."""
+
+    def process(ids: Tensor, scores: Tensor) -> Tensor:
+        vocab = scores.shape[-1]
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        seen_ids = ids.masked_fill(positions[None, :] < prompt_start[:, None], vocab)  # pads -> a spare column
+        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        seen.scatter_(1, seen_ids, True)
+        penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+        return torch.where(seen[:, :vocab], penalised, scores)
+
+    return process
+
+
+def no_repeat_ngram(size: int, prompt_start: Tensor) -> LogitsProcessor:
+    """Ban every token that would repeat an n-gram already in the row (left padding ignored)."""
+
+    def process(ids: Tensor, scores: Tensor) -> Tensor:
+        banned = torch.zeros_like(scores, dtype=torch.bool)
+        for row, (tokens, start) in enumerate(zip(ids.tolist(), prompt_start.tolist())):
+            tokens = tokens[start:]
+            if len(tokens) < size:
+                continue
+            prefix = tuple(tokens[len(tokens) - size + 1:])
+            for i in range(len(tokens) - size + 1):
+                if tuple(tokens[i:i + size - 1]) == prefix:
+                    banned[row, tokens[i + size - 1]] = True
+        return scores.masked_fill(banned, -float("inf"))
+
+    return process
+
+
+def suppress_eos(min_new_tokens: int, prompt_length: int, eos_token_ids: Sequence[int]) -> LogitsProcessor:
+    """Forbid EOS until ``min_new_tokens`` tokens have been generated."""
+
+    def process(ids: Tensor, scores: Tensor) -> Tensor:
+        if ids.shape[1] - prompt_length >= min_new_tokens:
+            return scores
+        scores = scores.clone()
+        scores[:, list(eos_token_ids)] = -float("inf")
+        return scores
+
+    return process
+
+
+def temperature_scaling(temperature: float) -> LogitsProcessor:
+    """Sharpen (< 1) or flatten (> 1) the distribution."""
+    return lambda ids, scores: scores / temperature
+
+
+def top_k_filter(top_k: int, min_keep: int = 1) -> LogitsProcessor:
+    """Keep the ``top_k`` highest scores (ties with the k-th kept too)."""
+
+    def process(ids: Tensor, scores: Tensor) -> Tensor:
+        k = min(max(top_k, min_keep), scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1:]
+        return scores.masked_fill(scores < kth, -float("inf"))
+
+    return process
+
+
+def top_p_filter(top_p: float, min_keep: int = 1) -> LogitsProcessor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus)."""
+
+    def process(ids: Tensor, scores: Tensor) -> Tensor:
+        ascending, order = torch.sort(scores, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[..., -min_keep:] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        return scores.masked_fill(drop, -float("inf"))
+
+    return process
+
+
+def build_processors(s: Settings, prompt_length: int, prompt_start: Tensor) -> list[LogitsProcessor]:
+    """The processors these settings ask for, in the order transformers applies them."""
+    processors: list[LogitsProcessor] = []
+    if s.repetition_penalty != 1.0:
+        processors.append(repetition_penalty(s.repetition_penalty, prompt_start))
+    if s.no_repeat_ngram_size > 0:
+        processors.append(no_repeat_ngram(s.no_repeat_ngram_size, prompt_start))
+    if s.min_new_tokens > 0 and s.eos_token_ids:
+        processors.append(suppress_eos(s.min_new_tokens, prompt_length, s.eos_token_ids))
+    if s.do_sample:  # the "warpers": sampling only
+        min_keep = len(s.eos_token_ids) + 1 if s.num_beams > 1 else 1  # beams must keep a non-EOS option
+        if s.temperature != 1.0:
+            processors.append(temperature_scaling(s.temperature))
+        if s.top_k:
+            processors.append(top_k_filter(s.top_k, min_keep))
+        if s.top_p is not None and s.top_p < 1.0:
+            processors.append(top_p_filter(s.top_p, min_keep))
+    return processors
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], ids: Tensor, scores: Tensor) -> Tensor:
+    for process in processors:
+        scores = process(ids, scores)
+    return scores
+
+
+# -- argument checks ------------------------------------------------------------------------------
+def _as_id_tuple(value: int | Sequence[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _length_problems(prompt_length: int, max_new_tokens: int | None, max_length: int | None,
+                     min_new_tokens: int, max_positions: int) -> list[str]:
+    problems = []
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+        problems.append(f"max_new_tokens={max_new_tokens!r}: must be a positive integer (the number of tokens to add)")
+    if max_length is not None and (not _is_int(max_length) or max_length < 1):
+        problems.append(f"max_length={max_length!r}: must be a positive integer (prompt + new tokens)")
+    if not _is_int(min_new_tokens) or min_new_tokens < 0:
+        problems.append(f"min_new_tokens={min_new_tokens!r}: must be an integer >= 0")
+    if prompt_length > max_positions:
+        problems.append(f"the prompt has {prompt_length} tokens but the model has only {max_positions} positions; "
+                        "shorten the prompt")
+    if problems:
+        return problems
+    total = prompt_length + max_new_tokens if max_new_tokens is not None else (max_length or DEFAULT_MAX_LENGTH)
+    if max_new_tokens is None and total <= prompt_length:
+        name = "max_length" if max_length is not None else f"the default max_length ({DEFAULT_MAX_LENGTH})"
+        problems.append(f"{name} counts the prompt, which already has {prompt_length} tokens; pass "
+                        f"max_new_tokens=N instead (or max_length > {prompt_length})")
+    elif total > max_positions:
+        asked = f"max_new_tokens={max_new_tokens}" if max_new_tokens is not None else f"max_length={total}"
+        problems.append(f"prompt ({prompt_length} tokens) + new tokens = {total} exceeds the model's {max_positions} "
+                        f"positions ({asked}); use max_new_tokens <= {max_positions - prompt_length}")
+    return problems
+
+
+def _sampling_problems(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                       repetition_penalty: float, no_repeat_ngram_size: int) -> list[str]:
+    problems = []
+    if do_sample and not temperature > 0:
+        problems.append(f"temperature={temperature!r}: must be > 0 when sampling (use do_sample=False for greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        problems.append(f"top_k={top_k!r}: must be an integer >= 0 (0 turns it off)")
+    if top_p is not None and not 0 < top_p <= 1:
+        problems.append(f"top_p={top_p!r}: must be in (0, 1] (1 or None turns it off)")
+    if not repetition_penalty > 0:
+        problems.append(f"repetition_penalty={repetition_penalty!r}: must be > 0 (1.0 turns it off)")
+    if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size!r}: must be an integer >= 0 (0 turns it off)")
+    return problems
+
+
+def _search_problems(do_sample: bool, num_beams: int, num_return_sequences: int, early_stopping: Any,
+                     batch_size: int, streamer: Any) -> list[str]:
+    problems = []
+    if not _is_int(num_beams) or num_beams < 1:
+        problems.append(f"num_beams={num_beams!r}: must be an integer >= 1")
+    if not _is_int(num_return_sequences) or num_return_sequences < 1:
+        problems.append(f"num_return_sequences={num_return_sequences!r}: must be an integer >= 1")
+    elif _is_int(num_beams) and num_beams > 1 and num_return_sequences > num_beams:
+        problems.append(f"num_return_sequences={num_return_sequences} > num_beams={num_beams}: beam search returns "
+                        f"at most num_beams sequences; raise num_beams or lower num_return_sequences")
+    elif num_beams == 1 and not do_sample and num_return_sequences > 1:
+        problems.append(f"num_return_sequences={num_return_sequences} with greedy search would repeat one sequence; "
+                        "pass do_sample=True or num_beams >= num_return_sequences")
+    if early_stopping not in (True, False, "never"):
+        problems.append(f"early_stopping={early_stopping!r}: must be True, False or 'never'")
+    if streamer is not None and (batch_size != 1 or num_beams != 1 or num_return_sequences != 1):
+        problems.append("streamer: streaming needs one sequence (batch size 1, num_beams=1, "
+                        "num_return_sequences=1); drop the streamer or generate one prompt at a time")
+    return problems
+
+
+def _token_problems(eos: tuple[int, ...], pad: int | None, vocab_size: int) -> list[str]:
+    problems = []
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", () if pad is None else (pad,))):
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            problems.append(f"{name}={bad[0]}: outside the vocabulary (0..{vocab_size - 1})")
+    return problems
+
+
+def _input_problems(input_ids: Any, attention_mask: Any) -> list[str]:
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        return [f"input_ids: expected an integer tensor of shape (batch, length), got {shape}; "
+                "wrap a single prompt as ids[None]"]
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        return [f"input_ids: empty batch or prompt {tuple(input_ids.shape)}; pass at least one token per row"]
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        return [f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
+                f"{tuple(input_ids.shape)}; pass the tokenizer's mask for the same batch"]
+    return []
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise InputError(problems[0] if len(problems) == 1 else "bad generate() arguments: " + "; ".join(problems))
+
+
+# -- the two decoding loops -----------------------------------------------------------------------
+def _forward_last(model: Any, ids: Tensor, mask: Tensor, cache: Any) -> Tensor:
+    """Next-token logits (rows, vocab) in fp32, appending ``ids`` to the cache."""
+    out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def _pick(scores: Tensor, do_sample: bool, generator: torch.Generator | None) -> Tensor:
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+def _greedy_or_sample(model: Any, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
+                      generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
+    cache = model.new_cache(ids.shape[0], max_length=s.max_length)
+    eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    logits = _forward_last(model, ids, mask, cache)
+    while True:
+        token = _pick(apply_processors(processors, ids, logits), s.do_sample, generator)
+        if len(eos):
+            token = torch.where(unfinished, token, s.pad_token_id)
+            unfinished &= ~torch.isin(token, eos)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if ids.shape[1] >= s.max_length or not bool(unfinished.any()):
+            return ids
+        logits = _forward_last(model, token[:, None], mask, cache)
+
+
+@dataclass
+class _Beams:
+    """Per prompt: ``num_beams`` live hypotheses and the best ``num_beams`` finished ones, best first."""
+
+    running: Tensor  # (batch, beams, max_length) ids; unwritten slots hold the fill id
+    running_scores: Tensor  # (batch, beams) summed log-probs
+    finished: Tensor  # (batch, beams, max_length)
+    finished_scores: Tensor  # (batch, beams) length-penalised; NEG_LARGE when empty
+    finished_lengths: Tensor  # (batch, beams) new tokens in each finished hypothesis
+    is_finished: Tensor  # (batch, beams) slot holds a real hypothesis
+    may_improve: Tensor  # (batch, 1) a live beam could still beat the worst finished one
+
+
+def _new_beams(ids: Tensor, batch: int, num_beams: int, max_length: int, fill: int) -> _Beams:
+    running = ids.new_full((batch, num_beams, max_length), fill)
+    running[:, :, :ids.shape[1]] = ids.view(batch, num_beams, -1)
+    scores = torch.zeros(batch, num_beams, device=ids.device)
+    scores[:, 1:] = NEG_LARGE  # all beams start equal: expand only the first one at step one
+    return _Beams(running=running, running_scores=scores, finished=running.clone(),
+                  finished_scores=torch.full_like(scores, NEG_LARGE),
+                  finished_lengths=torch.zeros(batch, num_beams, dtype=torch.long, device=ids.device),
+                  is_finished=torch.zeros(batch, num_beams, dtype=torch.bool, device=ids.device),
+                  may_improve=torch.ones(batch, 1, dtype=torch.bool, device=ids.device))
+
+
+def _take(tensor: Tensor, index: Tensor) -> Tensor:
+    """Rows of dim 1 per batch entry: ``tensor[b, index[b, j]]``."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+def _top_candidates(totals: Tensor, k: int, do_sample: bool,
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """k (score, flat index) pairs per prompt over all beams x vocab, best first."""
+    if not do_sample:
+        return torch.topk(totals, k)
+    index = torch.multinomial(totals.softmax(dim=-1), num_samples=k, generator=generator)
+    scores, order = totals.gather(1, index).sort(dim=-1, descending=True)
+    return scores, index.gather(1, order)
+
+
+def _keep_finished(b: _Beams, cand: Tensor, cand_scores: Tensor, done: Tensor, new_length: int, num_beams: int,
+                   s: Settings) -> None:
+    """Merge candidates that just ended (among the top ``num_beams``) into the finished set."""
+    eligible = done.clone()
+    eligible[:, num_beams:] = False  # the extra candidates only keep enough beams alive
+    scores = cand_scores / (new_length**s.length_penalty)
+    full = b.is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)
+    scores = scores + full.float() * NEG_LARGE
+    scores = scores + (~b.may_improve).float() * NEG_LARGE
+    scores = scores + (~eligible).float() * NEG_LARGE
+    merged_scores = torch.cat([b.finished_scores, scores], dim=1)
+    best = torch.topk(merged_scores, num_beams).indices
+    b.finished = _take(torch.cat([b.finished, cand], dim=1), best)
+    b.finished_scores = _take(merged_scores, best)
+    b.finished_lengths = _take(torch.cat([b.finished_lengths, torch.full_like(done, new_length, dtype=torch.long)],
+                                         dim=1), best)
+    b.is_finished = _take(torch.cat([b.is_finished, eligible], dim=1), best)
+
+
+def _update_heuristic(b: _Beams, generated: int, prompt_length: int, s: Settings) -> None:
+    """transformers' early-stop heuristic: can the best live beam still beat the worst finished one?"""
+    best_length = generated
+    if s.early_stopping == "never" and s.length_penalty > 0.0:
+        best_length = s.max_length - prompt_length
+    best_possible = b.running_scores[:, :1] / (best_length**s.length_penalty)
+    worst_finished = torch.where(b.is_finished, b.finished_scores.min(dim=1, keepdim=True).values, NEG_LARGE)
+    b.may_improve &= (best_possible > worst_finished).any(dim=-1, keepdim=True)
+
+
+def _beam_search(model: Any, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
+                 generator: torch.Generator | None) -> Tensor:
+    num_beams, prompt_length = s.num_beams, ids.shape[1]
+    batch = ids.shape[0] // num_beams
+    fill = s.pad_token_id if s.pad_token_id is not None else 0
+    eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
+    k = max(2, 1 + len(s.eos_token_ids)) * num_beams  # enough candidates that num_beams survive EOS
+    b = _new_beams(ids, batch, num_beams, s.max_length, fill)
+    cache = model.new_cache(ids.shape[0], max_length=s.max_length)
+    logits = _forward_last(model, ids, mask, cache)
+    length = prompt_length
+    while True:
+        log_probs = apply_processors(processors, b.running[:, :, :length].reshape(-1, length),
+                                     logits.log_softmax(dim=-1))
+        vocab = log_probs.shape[-1]
+        totals = (log_probs.view(batch, num_beams, vocab) + b.running_scores[:, :, None]).view(batch, -1)
+        cand_scores, flat_index = _top_candidates(totals, k, s.do_sample, generator)
+        parent, token = flat_index // vocab, flat_index % vocab
+        cand = _take(b.running, parent)
+        cand[:, :, length] = token
+        done = torch.isin(token, eos) | (length + 1 >= s.max_length)
+        alive_scores = cand_scores + done.float() * NEG_LARGE
+        keep = torch.topk(alive_scores, num_beams).indices
+        _keep_finished(b, cand, cand_scores, done, length + 1 - prompt_length, num_beams, s)
+        b.running, b.running_scores = _take(cand, keep), _take(alive_scores, keep)
+        offsets = torch.arange(batch, device=ids.device)[:, None] * num_beams
+        cache.reorder((_take(parent, keep) + offsets).view(-1))
+        length += 1
+        _update_heuristic(b, length - prompt_length, prompt_length, s)
+        all_full = bool(b.is_finished.all()) and s.early_stopping is True
+        if not bool(b.may_improve.any()) or all_full or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = _forward_last(model, b.running[:, :, length - 1].reshape(-1, 1), mask, cache)
+    returned = s.num_return_sequences
+    sequences = b.finished[:, :returned].reshape(batch * returned, -1)
+    return sequences[:, :prompt_length + int(b.finished_lengths[:, :returned].max())]
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def _settings(model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int | None, max_length: int | None,
+              min_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+              repetition_penalty: float, no_repeat_ngram_size: int, num_beams: int, num_return_sequences: int,
+              length_penalty: float, early_stopping: bool | str, eos_token_id: int | Sequence[int] | None,
+              pad_token_id: int | None, streamer: Any) -> Settings:
+    """Check every argument (one InputError listing what is wrong) and resolve lengths and special ids."""
+    tokens, decoder = model.spec.tokens, model.spec.decoder
+    eos = _as_id_tuple(tokens.eos_token_id if eos_token_id is None else eos_token_id)
+    pad = tokens.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None and eos:
+        pad = eos[0]  # as transformers: finished rows need some filler
+    problems = _input_problems(input_ids, attention_mask)
+    _raise(problems)
+    if model.check_inputs:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= decoder.vocab_size:
+            problems.append(f"input_ids: token id {low if low < 0 else high} is outside the vocabulary "
+                            f"(0..{decoder.vocab_size - 1}); was the text encoded with another tokenizer?")
+    prompt_length = input_ids.shape[1]
+    problems += _length_problems(prompt_length, max_new_tokens, max_length, min_new_tokens, decoder.max_positions)
+    problems += _sampling_problems(do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
+    problems += _search_problems(do_sample, num_beams, num_return_sequences, early_stopping, input_ids.shape[0],
+                                 streamer)
+    problems += _token_problems(eos, pad, decoder.vocab_size)
+    _raise(problems)
+    total = prompt_length + max_new_tokens if max_new_tokens is not None else (max_length or DEFAULT_MAX_LENGTH)
+    return Settings(max_length=total, min_new_tokens=min_new_tokens, do_sample=bool(do_sample),
+                    temperature=float(temperature), top_k=DEFAULT_TOP_K if top_k is None else top_k, top_p=top_p,
+                    repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
+                    num_beams=num_beams, num_return_sequences=num_return_sequences,
+                    length_penalty=float(length_penalty), early_stopping=early_stopping, eos_token_ids=eos,
+                    pad_token_id=pad)
+
+
+def _default_mask(ids: Tensor, s: Settings) -> Tensor:
+    """transformers' inference: mask pad tokens when the prompt has some and pad is not an EOS id."""
+    pad = s.pad_token_id
+    if pad is not None and pad not in s.eos_token_ids and bool((ids == pad).any()):
+        return (ids != pad).long()
+    return torch.ones_like(ids)
+
+
+@torch.no_grad()
+def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
+             max_length: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
+             num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, streamer: Streamer | None = None) -> Tensor:
+    """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
+
+    Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
+    masked as transformers does). Lengths: ``max_new_tokens`` wins over ``max_length`` (prompt
+    included, default 20). Sampling keeps the 50 likeliest tokens unless ``top_k`` says otherwise (0: all),
+    as transformers does. ``eos_token_id``/``pad_token_id`` default to the model's; ``eos_token_id=[]``
+    never stops early. Sampling draws from ``generator`` (torch's global RNG when None). Dropout follows
+    the model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
+    """
+    s = _settings(model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
+                  temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_beams,
+                  num_return_sequences, length_penalty, early_stopping, eos_token_id, pad_token_id, streamer)
+    ids = input_ids.to(device=model.device, dtype=torch.long)
+    mask = _default_mask(ids, s) if attention_mask is None else attention_mask.to(device=model.device,
+                                                                                   dtype=torch.long)
+    copies = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+    ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+    processors = build_processors(s, ids.shape[1], prompt_start=(mask != 0).int().argmax(dim=1))
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    checked, model.check_inputs = model.check_inputs, False  # ids were checked above; new ids are in range
+    try:
+        if s.num_beams > 1:
+            output = _beam_search(model, ids, mask, s, processors, generator)
+        else:
+            output = _greedy_or_sample(model, ids, mask, s, processors, generator, streamer)
+    finally:
+        model.check_inputs = checked
+    if streamer is not None:
+        streamer.end()
+    return output

@@ -1,0 +1,117 @@
+"""Registries for tests: a fresh isolated one, and temporary registrations in any one.
+
+Tests that register into the global ``optkit.registry`` must leave it as they found it,
+or one test's component leaks into every later test; these helpers undo on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+from optkit.plugins import ENTRY_POINT_GROUP, FIRST_PARTY, PLUGIN_API, load_entry_points
+from optkit.registry import Provider, Registration, Registry
+
+FIRST_PARTY_MODULES = ("optkit_torch_components", "optkit_attention_eager", "optkit_attention_sdpa")
+
+
+def fresh_registry(*, first_party: bool = True, plugins: tuple[ModuleType, ...] = ()) -> Registry:
+    """A new ``Registry`` that never autoloads: optkit's own components (unless
+    ``first_party=False``) plus the given plugin modules, nothing installed elsewhere."""
+    registry = Registry(autoload=False)
+    if first_party:
+        _load_first_party(registry)
+    for module in plugins:
+        add_plugin(module, registry)
+    return registry
+
+
+def _load_first_party(registry: Registry) -> None:
+    """Through optkit's own entry points when installed, else by importing the modules."""
+    eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP)
+           if getattr(ep, "dist", None) is not None and ep.dist.metadata["Name"] == FIRST_PARTY]
+    if eps:
+        load_entry_points(registry, eps=eps)
+        return
+    for name in FIRST_PARTY_MODULES:
+        add_plugin(importlib.import_module(name), registry, provider=Provider(name, FIRST_PARTY, "?"))
+
+
+def add_plugin(module: ModuleType, registry: Registry, *, provider: Provider | None = None
+               ) -> list[tuple[str, str]]:
+    """Call a plugin module's ``optkit_register`` hook as the loader would; returns what it
+    registered. Refuses a module built for another plugin API, like the loader."""
+    declared = getattr(module, "OPTKIT_PLUGIN_API", PLUGIN_API)
+    if declared != PLUGIN_API:
+        raise RuntimeError(f"plugin module {module.__name__} declares OPTKIT_PLUGIN_API = {declared}; "
+                           f"this optkit provides API {PLUGIN_API}")
+    hook = getattr(module, "optkit_register", None)
+    if hook is None:
+        raise TypeError(f"plugin module {module.__name__} has no optkit_register hook")
+    before = _keys(registry)
+    with registry.providing(provider or Provider(module.__name__, "<temporary>", "?")):
+        hook(registry=registry)
+    return sorted(_keys(registry) - before)
+
+
+def _keys(registry: Registry) -> set[tuple[str, str]]:
+    return {(r.kind, r.name) for r in registry.registrations()}
+
+
+def _target(registry: Registry | None) -> Registry:
+    """The given registry, or the global one, loaded first: registering into an unloaded
+    global registry would clash with the installed plugins when they load later."""
+    if registry is None:
+        from optkit import registry as global_registry
+
+        registry = global_registry
+    registry.ensure_loaded()
+    return registry
+
+
+@contextlib.contextmanager
+def temporary_component(kind: str, name: str, factory: Callable[..., Any], *, registry: Registry | None = None,
+                        **register_kwargs: Any) -> Iterator[Registration]:
+    """Register ``(kind, name)`` for the duration of the block (global registry by default).
+
+    ``register_kwargs`` go to ``Registry.register`` (params, capabilities, check,
+    description, override). A component it overrode comes back afterwards.
+    """
+    target = _target(registry)
+    previous = target.get(kind, name) if (kind, name) in target else None
+    entry = target.register(kind, name, factory, **register_kwargs)
+    try:
+        yield entry
+    finally:
+        target.unregister(kind, name)
+        if previous is not None:
+            _restore(target, previous)
+
+
+@contextlib.contextmanager
+def temporary_plugin(module: ModuleType, *, registry: Registry | None = None) -> Iterator[list[tuple[str, str]]]:
+    """Run a plugin module's hook for the duration of the block (no install needed);
+    yields the ``(kind, name)`` pairs it registered and removes them afterwards."""
+    target = _target(registry)
+    added = add_plugin(module, target)
+    try:
+        yield added
+    finally:
+        for kind, name in added:
+            target.unregister(kind, name)
+
+
+def _restore(registry: Registry, entry: Registration) -> None:
+    """Put back a registration an override replaced, under its original provider."""
+    with registry.providing(entry.provider):
+        registry.register(entry.kind, entry.name, entry.factory, params=entry.params,
+                          capabilities=entry.capabilities, check=entry.check, description=entry.description,
+                          override=True)
+    for record in registry.plugins:  # register() listed it again under its plugin: once is enough
+        if record.name == entry.provider.plugin and record.components.count((entry.kind, entry.name)) > 1:
+            record.components.reverse()
+            record.components.remove((entry.kind, entry.name))
+            record.components.reverse()
