@@ -1,4 +1,4 @@
-"""Hugging Face OPT checkpoints in and out.
+"""Hugging Face checkpoints in and out (OPT, and every family in optkit.formats).
 
 Reads ``config.json`` + weights (``model.safetensors``, sharded safetensors with an
 index, or ``pytorch_model.bin`` loaded with ``weights_only=True``; never arbitrary
@@ -20,145 +20,49 @@ import torch
 from torch import Tensor
 
 from optkit.errors import CheckpointError, CheckpointNotFoundError, SpecValidationError
-from optkit.spec import ModelSpec, validate_spec
+from optkit.formats import HEAD_PREFIXES, CheckpointFormat, format_for_config, format_for_spec
+from optkit.spec import ModelSpec
 
 CONFIG_NAME = "config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-HEAD_PREFIXES = ("lm_head", "score", "qa_outputs")
 # Keys that real checkpoints carry and no model needs (fairseq leftovers, rotary buffers).
 IGNORED_KEYS = re.compile(r"(^|\.)(version|_float_tensor|inv_freq)$")
-HEADS = {
-    "causal_lm": "OPTForCausalLM",
-    "base": "OPTModel",
-    "sequence_classification": "OPTForSequenceClassification",
-    "question_answering": "OPTForQuestionAnswering",
-}
 
 
-# -- config.json <-> ModelSpec ----------------------------------------------------------------
+# -- config.json <-> ModelSpec, key names (per family, see optkit.formats) ----------------------
 def spec_from_hf_config(config: dict[str, Any], *, head: str = "causal_lm", num_labels: int | None = None,
                         source: str | None = None) -> ModelSpec:
-    """An OPT ``config.json`` as an optkit spec (every OPTConfig field that changes the forward)."""
-    model_type = config.get("model_type")
-    if model_type != "opt":
-        raise CheckpointError(f"{source or 'config.json'}: model_type is {model_type!r}; optkit loads 'opt' checkpoints")
-    g = config.get
-    hidden = g("hidden_size", 768)
-    pre = g("do_layer_norm_before", True)
-    head_params: dict[str, Any] = {}
-    if head == "causal_lm":
-        head_params["tie_word_embeddings"] = g("tie_word_embeddings", True)
-    elif head == "sequence_classification":
-        labels = num_labels or g("num_labels") or len(g("id2label") or {}) or 2
-        head_params = {"num_labels": labels, "problem_type": g("problem_type")}
-    data = {
-        "family": "opt",
-        "decoder": {
-            "vocab_size": g("vocab_size", 50272),
-            "hidden_size": hidden,
-            "num_layers": g("num_hidden_layers", 12),
-            "num_heads": g("num_attention_heads", 12),
-            "ffn_dim": g("ffn_dim", 3072),
-            "max_positions": g("max_position_embeddings", 2048),
-            "word_embed_proj_dim": g("word_embed_proj_dim") or hidden,
-            "norm_position": "pre" if pre else "post",
-            "final_norm": bool(pre and not g("_remove_final_layer_norm", False)),
-            "bias": g("enable_bias", True),
-            "dropout": g("dropout", 0.1),
-            "attention_dropout": g("attention_dropout", 0.0),
-            "layerdrop": g("layerdrop", 0.0),
-            "init_std": g("init_std", 0.02),
-            "mlp": {"name": "ffn", "params": {"activation": g("activation_function", "relu")}},
-            "norm": {"name": "layernorm",
-                     "params": {"eps": 1e-5, "elementwise_affine": g("layer_norm_elementwise_affine", True)}},
-        },
-        "head": {"name": head, "params": head_params},
-        "tokens": {"pad_token_id": g("pad_token_id", 1), "bos_token_id": g("bos_token_id", 2),
-                   "eos_token_id": g("eos_token_id", 2)},
-    }
-    if data["decoder"]["word_embed_proj_dim"] == hidden:
-        data["decoder"]["word_embed_proj_dim"] = None
-    return validate_spec(data, source=source)
+    """A transformers ``config.json`` as an optkit spec, through its family's format."""
+    fmt = format_for_config(config, source)
+    if head not in fmt.head_classes:
+        raise SpecValidationError([f"head: unknown head '{head}' (available: {', '.join(fmt.head_classes)})"])
+    return fmt.spec_from_config(config, head=head, num_labels=num_labels, source=source)
 
 
 def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """The OPT ``config.json`` transformers needs to rebuild this model."""
-    d = spec.decoder
-    problems = []
-    expected = {"token_embedding": "learned", "positional_embedding": "learned", "mlp": "ffn", "norm": "layernorm"}
-    for kind, name in expected.items():
-        if getattr(d, kind).name != name:
-            problems.append(f"decoder.{kind}: '{getattr(d, kind).name}' has no OPT equivalent (needs '{name}')")
-    if d.positional_embedding.params.get("offset", 2) != 2:
-        problems.append("decoder.positional_embedding.params.offset: OPT checkpoints need 2")
-    if d.norm.params.get("eps", 1e-5) != 1e-5:
-        problems.append("decoder.norm.params.eps: OPT's LayerNorm eps is fixed at 1e-5")
-    if d.query_scaling != "projection":
-        problems.append("decoder.query_scaling: OPT scales q after the projection")
-    if spec.head.name not in HEADS:
-        problems.append(f"head: '{spec.head.name}' has no transformers OPT class")
-    if problems:
-        raise SpecValidationError(problems, source="save_pretrained (transformers OPT config)")
-    config: dict[str, Any] = {
-        "architectures": [HEADS[spec.head.name]],
-        "model_type": "opt",
-        "vocab_size": d.vocab_size,
-        "hidden_size": d.hidden_size,
-        "num_hidden_layers": d.num_layers,
-        "num_attention_heads": d.num_heads,
-        "ffn_dim": d.ffn_dim,
-        "max_position_embeddings": d.max_positions,
-        "word_embed_proj_dim": d.embed_dim,
-        "do_layer_norm_before": d.norm_position == "pre",
-        "_remove_final_layer_norm": d.norm_position == "pre" and not d.final_norm,
-        "enable_bias": d.bias,
-        "layer_norm_elementwise_affine": d.norm.params.get("elementwise_affine", True),
-        "activation_function": d.mlp.params.get("activation", "relu"),
-        "dropout": d.dropout,
-        "attention_dropout": d.attention_dropout,
-        "layerdrop": d.layerdrop,
-        "init_std": d.init_std,
-        "pad_token_id": spec.tokens.pad_token_id,
-        "bos_token_id": spec.tokens.bos_token_id,
-        "eos_token_id": spec.tokens.eos_token_id,
-        "tie_word_embeddings": spec.head.params.get("tie_word_embeddings", True),
-        "use_cache": True,
-    }
-    if spec.head.name == "sequence_classification":
-        labels = spec.head.params.get("num_labels", 2)
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-        config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-        if spec.head.params.get("problem_type"):
-            config["problem_type"] = spec.head.params["problem_type"]
-    if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return config
+    """The ``config.json`` transformers needs to rebuild this model."""
+    return format_for_spec(spec).config_from_spec(spec, dtype)
 
 
-# -- key names ----------------------------------------------------------------------------------
-_MLP_HF = re.compile(r"^(decoder\.layers\.\d+\.)(fc1|fc2)\.")
-_MLP_OPTKIT = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.(fc1|fc2)\.")
-
-
-def optkit_key(hf_key: str) -> str | None:
-    """transformers' OPT key -> optkit's module path (None: a key nothing needs)."""
+def optkit_key(fmt: CheckpointFormat, hf_key: str) -> str | None:
+    """transformers' key -> optkit's module path (None: a key nothing needs)."""
     if IGNORED_KEYS.search(hf_key):
         return None
     key = hf_key.removeprefix("model.")
     for prefix in HEAD_PREFIXES:
         if key.startswith(prefix + "."):
             return f"head[{prefix}]." + key[len(prefix) + 1:]
-    return _MLP_HF.sub(r"\1mlp.\2.", key)
+    return fmt.optkit_key(key)
 
 
-def hf_key(key: str, head_prefix: str, *, base_model: bool) -> str:
-    """optkit's module path -> transformers' OPT key."""
+def hf_key(fmt: CheckpointFormat, key: str, head_prefix: str, *, base_model: bool) -> str:
+    """optkit's module path -> transformers' key."""
     if key.startswith("head."):
         return f"{head_prefix}.{key[len('head.'):]}"
-    key = _MLP_OPTKIT.sub(r"\1\2.", key)
+    key = fmt.hf_key(key)
     return key if base_model else f"model.{key}"
 
 
@@ -230,11 +134,11 @@ def read_state_dict(files: Iterable[Path]) -> dict[str, Tensor]:
     return state
 
 
-def _to_canonical(raw: dict[str, Tensor], head_prefix: str) -> tuple[dict[str, Tensor], list[str]]:
+def _to_canonical(fmt: CheckpointFormat, raw: dict[str, Tensor], head_prefix: str) -> tuple[dict[str, Tensor], list[str]]:
     """Checkpoint keys -> optkit keys; keys of other heads are dropped (and reported)."""
     state, other_heads = {}, []
     for key, tensor in raw.items():
-        mapped = optkit_key(key)
+        mapped = optkit_key(fmt, key)
         if mapped is None:
             continue
         if mapped.startswith("head["):
@@ -250,8 +154,7 @@ def _to_canonical(raw: dict[str, Tensor], head_prefix: str) -> tuple[dict[str, T
 def load_weights(model: Any, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
                  source: str) -> None:
     """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch."""
-    head_prefix = model.head.checkpoint_prefix
-    state, _ = _to_canonical(raw, head_prefix)
+    state, _ = _to_canonical(format_for_spec(model.spec), raw, model.head.checkpoint_prefix)
     tied = getattr(model.head, "tied", False)
     expected = {k: v for k, v in model.state_dict().items()}
     if tied:
@@ -307,8 +210,6 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if head not in HEADS:
-        raise SpecValidationError([f"head: unknown head '{head}' (available: {', '.join(HEADS)})"])
     spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
     spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
     if dtype == "auto":
@@ -339,14 +240,15 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = hf_config_from_spec(model.spec, model.dtype)
+    fmt = format_for_spec(model.spec)
+    config = fmt.config_from_spec(model.spec, model.dtype)
     base = model.spec.head.name == "base"
     tied = getattr(model.head, "tied", False)
     tensors = {}
     for key, tensor in model.state_dict().items():
         if tied and key == "head.weight":
             continue
-        tensors[hf_key(key, model.head.checkpoint_prefix, base_model=base)] = tensor.detach().to("cpu").contiguous()
+        tensors[hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)] = tensor.detach().to("cpu").contiguous()
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         _atomic_write(directory / SAFETENSORS, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))

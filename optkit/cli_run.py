@@ -1,0 +1,76 @@
+"""``optkit run``: generate text from the command line (``optkit.cli`` registers it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from optkit.errors import InputError
+
+DESCRIPTION = """\
+Generate text with a model: the bundled default model, or --model (a checkpoint directory with
+its tokenizer files, or a Hugging Face hub id).
+
+The prompt is --prompt, or else ALL of standard input as one prompt (a trailing newline is
+dropped), e.g.  echo "Hello" | optkit run --max-new-tokens 20
+
+The prompt and its continuation are printed on stdout, followed by a newline. With --stream
+(the default) text is printed as it is generated; beam search (--num-beams > 1) prints at the end.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``run`` subcommand to the ``optkit`` CLI."""
+    p = subparsers.add_parser("run", help="generate text with a model (default: the bundled one)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="text-generation", help="pipeline task (supported: text-generation)")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: read all of stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: up to 256, within the model's positions)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default 50; 0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy or sampling)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--attention", default=None, help="attention backend, e.g. eager or sdpa")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print text as it is generated (default: on)")
+    p.set_defaults(func=run)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    text = sys.stdin.read()
+    text = text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise InputError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+    return text
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the pipeline, generate for the prompt, print the full text."""
+    from optkit.pipeline import pipeline
+    from optkit.streaming import TextStreamer
+
+    pipe = pipeline(args.task, model=args.model, dtype=args.dtype, device=args.device, attention=args.attention)
+    prompt = _read_prompt(args)
+    options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   num_beams=args.num_beams, generator=_generator(args.seed, pipe.model.device))
+    if args.stream and args.num_beams == 1:
+        pipe(prompt, streamer=TextStreamer(pipe.tokenizer, skip_special_tokens=True), **options)
+    else:
+        print(pipe(prompt, **options)[0]["generated_text"], flush=True)
+    return 0
