@@ -38,7 +38,7 @@ _LAZY = {
     "AttentionMask": "optkit.interfaces",
     "Tokenizer": "optkit.tokenizer",
     "generate": "optkit.generation",
-    "pipeline": "optkit.pipeline",
+    "pipeline": "optkit.pipelines",
 }
 
 

@@ -61,11 +61,11 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 def run(args: argparse.Namespace) -> int:
     """Load the pipeline, generate for the prompt, print the full text."""
-    from optkit.pipeline import pipeline
+    from optkit.pipelines import pipeline
     from optkit.streaming import TextStreamer
 
-    pipe = pipeline(args.task, model=args.model, dtype=args.dtype, device=args.device, attention=args.attention)
     prompt = _read_prompt(args)
+    pipe = pipeline(args.task, model=args.model, dtype=args.dtype, device=args.device, attention=args.attention)
     options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    num_beams=args.num_beams, generator=_generator(args.seed, pipe.model.device))

@@ -1,12 +1,12 @@
 """Text generation over the KV cache: greedy, sampling and beam search, like transformers' ``generate``.
 
 The prompt is run once (prefill), then one token per step with ``logits_to_keep=1``. Semantics follow
-transformers 5.x so its ``generate`` can serve as the oracle: the default length (20 tokens in total),
-EOS handling (finished rows are padded with ``pad_token_id``), the logits processors and their order,
+transformers 5.x so its ``generate`` can serve as the oracle: the default length (20 new tokens, fewer
+when the model's positions run out), the default ``top_k=50`` when sampling, EOS handling (finished rows are padded with ``pad_token_id``), the logits processors and their order,
 and beam search with ``length_penalty`` / ``early_stopping``. Deliberate differences:
 
-* every bad argument is one ``InputError`` raised before any compute (transformers warns on some, for
-  example it generates one token when the prompt is already longer than ``max_length``);
+* every bad argument is one ``InputError`` raised before any compute (transformers warns about some and
+  fails later, or deep inside the model, on others, e.g. a prompt + max_new_tokens beyond the positions);
 * ``no_repeat_ngram_size`` ignores left padding, as the repetition penalty does in transformers, so a
   left-padded row behaves exactly as it does alone (transformers counts n-grams over pad tokens too).
 """
@@ -15,14 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from optkit.errors import InputError
 
-DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default: prompt + new tokens
+if TYPE_CHECKING:
+    from optkit.interfaces import KVCache
+    from optkit.model import Model
+
+DEFAULT_MAX_NEW_TOKENS = 20  # transformers 5.x without max_length/max_new_tokens: 20 new, within the positions
 DEFAULT_TOP_K = 50  # transformers' default when sampling and top_k is unset
 NEG_LARGE = -1.0e9  # transformers' "impossible" beam score; kept so beam rankings match bit for bit
 
@@ -58,7 +62,7 @@ class Settings:
 
 # -- logits processors: small functions, composed in transformers' order -------------------------
 def repetition_penalty(penalty: float, prompt_start: Tensor) -> LogitsProcessor:
-    """Make tokens already in the row less likely (CTRL); left padding before ``prompt_start`` is ignored."""
+    """Rescale tokens already in the row (CTRL; > 1 discourages repeats); left padding is ignored."""
 
     def process(ids: Tensor, scores: Tensor) -> Tensor:
         vocab = scores.shape[-1]
@@ -143,7 +147,7 @@ def build_processors(s: Settings, prompt_length: int, prompt_start: Tensor) -> l
     if s.min_new_tokens > 0 and s.eos_token_ids:
         processors.append(suppress_eos(s.min_new_tokens, prompt_length, s.eos_token_ids))
     if s.do_sample:  # the "warpers": sampling only
-        min_keep = len(s.eos_token_ids) + 1 if s.num_beams > 1 else 1  # beams must keep a non-EOS option
+        min_keep = max(2, len(s.eos_token_ids) + 1) if s.num_beams > 1 else 1  # beams keep a non-EOS option
         if s.temperature != 1.0:
             processors.append(temperature_scaling(s.temperature))
         if s.top_k:
@@ -172,6 +176,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _total_length(prompt_length: int, max_new_tokens: int | None, max_length: int | None, max_positions: int) -> int:
+    """Prompt + new tokens: max_new_tokens wins, then max_length; by default 20 new tokens within the positions."""
+    if max_new_tokens is not None:
+        return prompt_length + max_new_tokens
+    if max_length is not None:
+        return max_length
+    return min(prompt_length + DEFAULT_MAX_NEW_TOKENS, max_positions)
+
+
 def _length_problems(prompt_length: int, max_new_tokens: int | None, max_length: int | None,
                      min_new_tokens: int, max_positions: int) -> list[str]:
     problems = []
@@ -181,15 +194,14 @@ def _length_problems(prompt_length: int, max_new_tokens: int | None, max_length:
         problems.append(f"max_length={max_length!r}: must be a positive integer (prompt + new tokens)")
     if not _is_int(min_new_tokens) or min_new_tokens < 0:
         problems.append(f"min_new_tokens={min_new_tokens!r}: must be an integer >= 0")
-    if prompt_length > max_positions:
-        problems.append(f"the prompt has {prompt_length} tokens but the model has only {max_positions} positions; "
-                        "shorten the prompt")
+    if prompt_length >= max_positions:
+        problems.append(f"the prompt has {prompt_length} tokens but the model has only {max_positions} positions "
+                        "(no room for new tokens); shorten the prompt")
     if problems:
         return problems
-    total = prompt_length + max_new_tokens if max_new_tokens is not None else (max_length or DEFAULT_MAX_LENGTH)
-    if max_new_tokens is None and total <= prompt_length:
-        name = "max_length" if max_length is not None else f"the default max_length ({DEFAULT_MAX_LENGTH})"
-        problems.append(f"{name} counts the prompt, which already has {prompt_length} tokens; pass "
+    total = _total_length(prompt_length, max_new_tokens, max_length, max_positions)
+    if total <= prompt_length:
+        problems.append(f"max_length={max_length} counts the prompt, which already has {prompt_length} tokens; pass "
                         f"max_new_tokens=N instead (or max_length > {prompt_length})")
     elif total > max_positions:
         asked = f"max_new_tokens={max_new_tokens}" if max_new_tokens is not None else f"max_length={total}"
@@ -198,10 +210,10 @@ def _length_problems(prompt_length: int, max_new_tokens: int | None, max_length:
     return problems
 
 
-def _sampling_problems(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+def _sampling_problems(do_sample: bool, temperature: Any, top_k: int | None, top_p: float | None,
                        repetition_penalty: float, no_repeat_ngram_size: int) -> list[str]:
     problems = []
-    if do_sample and not temperature > 0:
+    if not isinstance(temperature, (int, float)) or (do_sample and temperature <= 0):
         problems.append(f"temperature={temperature!r}: must be > 0 when sampling (use do_sample=False for greedy)")
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         problems.append(f"top_k={top_k!r}: must be an integer >= 0 (0 turns it off)")
@@ -263,7 +275,7 @@ def _raise(problems: list[str]) -> None:
 
 
 # -- the two decoding loops -----------------------------------------------------------------------
-def _forward_last(model: Any, ids: Tensor, mask: Tensor, cache: Any) -> Tensor:
+def _forward_last(model: Model, ids: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
     """Next-token logits (rows, vocab) in fp32, appending ``ids`` to the cache."""
     out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
@@ -275,7 +287,7 @@ def _pick(scores: Tensor, do_sample: bool, generator: torch.Generator | None) ->
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
-def _greedy_or_sample(model: Any, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
+def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
                       generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
     cache = model.new_cache(ids.shape[0], max_length=s.max_length)
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
@@ -366,7 +378,7 @@ def _update_heuristic(b: _Beams, generated: int, prompt_length: int, s: Settings
     b.may_improve &= (best_possible > worst_finished).any(dim=-1, keepdim=True)
 
 
-def _beam_search(model: Any, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
+def _beam_search(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
                  generator: torch.Generator | None) -> Tensor:
     num_beams, prompt_length = s.num_beams, ids.shape[1]
     batch = ids.shape[0] // num_beams
@@ -406,13 +418,14 @@ def _beam_search(model: Any, ids: Tensor, mask: Tensor, s: Settings, processors:
 
 
 # -- entry point ----------------------------------------------------------------------------------
-def _settings(model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int | None, max_length: int | None,
-              min_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+def _settings(model: Model, input_ids: Any, attention_mask: Any, max_new_tokens: int | None, max_length: int | None,
+              min_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
               repetition_penalty: float, no_repeat_ngram_size: int, num_beams: int, num_return_sequences: int,
               length_penalty: float, early_stopping: bool | str, eos_token_id: int | Sequence[int] | None,
               pad_token_id: int | None, streamer: Any) -> Settings:
     """Check every argument (one InputError listing what is wrong) and resolve lengths and special ids."""
     tokens, decoder = model.spec.tokens, model.spec.decoder
+    temperature = 1.0 if temperature is None else temperature  # as transformers: unset means 1.0
     eos = _as_id_tuple(tokens.eos_token_id if eos_token_id is None else eos_token_id)
     pad = tokens.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None and eos:
@@ -431,7 +444,7 @@ def _settings(model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: i
                                  streamer)
     problems += _token_problems(eos, pad, decoder.vocab_size)
     _raise(problems)
-    total = prompt_length + max_new_tokens if max_new_tokens is not None else (max_length or DEFAULT_MAX_LENGTH)
+    total = _total_length(prompt_length, max_new_tokens, max_length, decoder.max_positions)
     return Settings(max_length=total, min_new_tokens=min_new_tokens, do_sample=bool(do_sample),
                     temperature=float(temperature), top_k=DEFAULT_TOP_K if top_k is None else top_k, top_p=top_p,
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
@@ -449,9 +462,9 @@ def _default_mask(ids: Tensor, s: Settings) -> Tensor:
 
 
 @torch.no_grad()
-def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
+def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
              max_length: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
              num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -460,8 +473,9 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
 
     Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
     masked as transformers does). Lengths: ``max_new_tokens`` wins over ``max_length`` (prompt
-    included, default 20). Sampling keeps the 50 likeliest tokens unless ``top_k`` says otherwise (0: all),
-    as transformers does. ``eos_token_id``/``pad_token_id`` default to the model's; ``eos_token_id=[]``
+    included); with neither, 20 new tokens as in transformers 5.x (capped at the model's positions).
+    Sampling keeps the 50 likeliest tokens unless ``top_k`` says otherwise (0: all), as transformers
+    does. ``eos_token_id``/``pad_token_id`` default to the model's; ``eos_token_id=[]``
     never stops early. Sampling draws from ``generator`` (torch's global RNG when None). Dropout follows
     the model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
     """

@@ -7,6 +7,13 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # shared test helpers (hf_oracle, tokenizer_fixtures)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run faster on one thread, and a loaded machine stops thrashing."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
