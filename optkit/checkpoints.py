@@ -172,15 +172,31 @@ def load_weights(model: Any, raw: dict[str, Tensor], *, device: torch.device, dt
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise CheckpointError("\n".join(lines))
-    converted = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
-                 for k, t in state.items()}
     if head_missing:
-        converted.update(_fresh_head_state(model, device, dtype))
+        state.update(_fresh_head_state(model, device, dtype))
         warnings.warn(f"{source} has no weights for the {model.spec.head.name} head "
                       f"({', '.join(head_missing)}): they are newly initialized; train them before use",
                       stacklevel=3)
-    model.load_state_dict(converted, strict=False, assign=True)
+    # One decoder layer on the device at a time: int8 linears quantize as they land, so no full copy exists.
+    for group in _by_layer(state):
+        model.load_state_dict({k: _place(t, device, dtype) for k, t in group.items()}, strict=False, assign=True)
     model.tie_weights()
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _by_layer(state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Checkpoint tensors grouped per decoder layer (everything else in one group)."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        match = _LAYER_KEY.match(key)
+        groups.setdefault(match[1] if match else "", {})[key] = tensor
+    return list(groups.values())
+
+
+def _place(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
 
 
 def _fresh_head_state(model: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -152,7 +152,8 @@ def train_bpe(documents: Sequence[str], vocab_size: int) -> Any:
     return tokenizer
 
 
-def save_opt_tokenizer(tokenizer: Any, directory: str | os.PathLike[str], *, model_max_length: int | None = None) -> Path:
+def save_opt_tokenizer(tokenizer: Any, directory: str | os.PathLike[str], *,
+                       model_max_length: int | None = None) -> Path:
     """Write the files OPT checkpoints ship (vocab.json, merges.txt and the two json configs).
 
     ``</s>`` is BOS and EOS and ``add_bos_token`` is on, so transformers' GPT2Tokenizer (and
@@ -324,20 +325,21 @@ class Progress:
     def __init__(self, total: int, every: int, stream: TextIO | None = None):
         self.total, self.every = total, max(1, every)
         self.stream = stream if stream is not None else sys.stdout
-        self.last_time, self.last_tokens = time.perf_counter(), 0
+        self.last_time, self.pending_steps = time.perf_counter(), 0
 
-    def update(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float) -> None:
+    def update(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_step: int) -> None:
+        """Count a step; every ``every`` steps (and at the end) print the rates since the last line."""
+        self.pending_steps += 1
         if step % self.every and step != self.total:
             return
         now = time.perf_counter()
-        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_tokens = now, tokens
-        steps_per_s = rate / max(tokens / max(step, 1), 1)
-        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else 0.0
+        seconds_per_step = (now - self.last_time) / self.pending_steps
+        self.last_time, self.pending_steps = now, 0
         filled = int(20 * step / self.total)
         bar = "#" * filled + "." * (20 - filled)
+        eta_min = (self.total - step) * seconds_per_step / 60
         self.say(f"step {step:>6}/{self.total} [{bar}] loss {loss:.4f} lr {lr:.2e} |g| {grad_norm:.2f} "
-                 f"{rate:,.0f} tok/s eta {eta / 60:.1f} min")
+                 f"{tokens_per_step / seconds_per_step:,.0f} tok/s eta {eta_min:.1f} min")
 
     def say(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -365,6 +367,8 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(steps, log_every, stream)
     model = _model(spec_or_model, seed)
+    if seq_len > model.spec.decoder.max_positions:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's {model.spec.decoder.max_positions} positions")
     backend = load_tokenizer(tokenizer if tokenizer is not None else default_tokenizer_dir())
     train_stream, eval_stream = _token_streams(model, backend, corpus, eval_corpus, config, progress)
     _save_tokenizer_files(tokenizer, backend, out, model)
@@ -405,13 +409,14 @@ def _token_streams(model: nn.Module, backend: Any, corpus: Corpus, eval_corpus: 
 
 def _save_tokenizer_files(source: Any, backend: Any, out: Path, model: nn.Module) -> None:
     """Make ``out_dir`` a complete model directory: copy (or write) the tokenizer next to the weights."""
-    directory = Path(source) if isinstance(source, (str, os.PathLike)) else default_tokenizer_dir() if source is None else None
-    if directory is not None:
+    if source is None or isinstance(source, (str, os.PathLike)):
+        directory = default_tokenizer_dir() if source is None else Path(source)
+        if directory.resolve() == out.resolve():
+            return
         for name in TOKENIZER_FILES:
-            if (directory / name).is_file() and directory.resolve() != out.resolve():
+            if (directory / name).is_file():
                 shutil.copyfile(directory / name, out / name)
-        return
-    if hasattr(source, "save_pretrained"):
+    elif hasattr(source, "save_pretrained"):  # an optkit Tokenizer
         source.save_pretrained(out)
     else:
         save_opt_tokenizer(backend, out, model_max_length=model.spec.decoder.max_positions)
@@ -435,7 +440,7 @@ def _run(model: nn.Module, train_stream: Tensor, eval_stream: Tensor, config: Tr
         result.step += 1
         result.losses.append(loss)
         result.tokens_seen += config.batch_size * config.seq_len
-        progress.update(result.step, loss, lr, result.tokens_seen, grad_norm)
+        progress.update(result.step, loss, lr, grad_norm, config.batch_size * config.seq_len)
         last = result.step == config.steps
         if held_out.numel() and (result.step % config.eval_every == 0 or last):
             result.evals.append((result.step, perplexity(model, held_out)))
@@ -453,8 +458,8 @@ def _initial_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     """A fresh state, or the last checkpoint's (weights, optimizer and scheduler loaded)."""
     saved = load_checkpoint(out) if resume else None
     if saved is None:
-        return {"step": 0, "losses": torch.zeros(0, dtype=torch.float64), "evals": torch.zeros(0, 2, dtype=torch.float64),
-                "tokens_seen": 0}
+        empty = torch.zeros(0, dtype=torch.float64)
+        return {"step": 0, "losses": empty, "evals": empty.reshape(0, 2), "tokens_seen": 0}
     _load_weights(model, out)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -479,7 +484,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return float(loss), lr, float(norm)
+    return loss.item(), lr, norm.item()
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:

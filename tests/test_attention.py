@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import optkit
 from optkit.interfaces import AttentionMask
 
-DTYPE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+DTYPE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # vs fp32 eager, unit-normal inputs
 
 
 def usable_backends(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

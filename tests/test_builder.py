@@ -89,7 +89,7 @@ def test_auto_picks_highest_priority_usable(caplog, logspace_registered):
 def test_unknown_component_in_override():
     with pytest.raises(SpecValidationError) as info:
         optkit.build("opt-tiny", attention="flsh")
-    assert "decoder.attention: unknown attention 'flsh' (available: eager, sdpa)" in str(info.value)
+    assert "decoder.attention: unknown attention 'flsh' (available: eager, flash, sdpa, xformers); did you mean 'flash'?" in str(info.value)
     with pytest.raises(SpecValidationError, match="set_backend swaps attention only"):
         optkit.set_backend(optkit.build("opt-tiny"), linear="torch")
 

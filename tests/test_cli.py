@@ -18,6 +18,10 @@ ENV = ("OPTKIT_STRICT_PLUGINS", "OPTKIT_DISABLE_PLUGIN_AUTOLOAD", "OPTKIT_LOAD_P
 PLUGINS = """\
 eager (optkit 0.1.0) [ok]
     attention: eager
+flash (optkit 0.1.0) [ok]
+    attention: flash
+int8 (optkit 0.1.0) [ok]
+    linear: int8
 sdpa (optkit 0.1.0) [ok]
     attention: sdpa
 torch_components (optkit 0.1.0) [ok]
@@ -32,6 +36,8 @@ torch_components (optkit 0.1.0) [ok]
     head: causal_lm
     head: sequence_classification
     head: question_answering
+xformers (optkit 0.1.0) [ok]
+    attention: xformers
 """
 
 INFO = """\
@@ -48,9 +54,6 @@ head                  base                     available  [torch_components]
 head                  causal_lm                available  [torch_components]
 head                  question_answering       available  [torch_components]
 head                  sequence_classification  available  [torch_components]
-attention             xformers                 not installed: pip install 'optkit[xformers]'
-attention             flash                    not installed: pip install 'optkit[flash]'
-linear                int8                     not installed: pip install 'optkit[int8]'
 """
 
 
@@ -79,17 +82,17 @@ def test_plugins_json(capsys):
     assert (code, err) == (0, "")
     data = json.loads(out)
     assert [(p["name"], p["distribution"], p["version"], p["status"], p["reason"]) for p in data] == [
-        ("eager", "optkit", "0.1.0", "ok", ""), ("sdpa", "optkit", "0.1.0", "ok", ""),
-        ("torch_components", "optkit", "0.1.0", "ok", "")]
-    assert data[1]["components"] == ["attention:sdpa"]
-    assert data[2]["components"][-2:] == ["head:sequence_classification", "head:question_answering"]
+        (name, "optkit", "0.1.0", "ok", "") for name in ("eager", "flash", "int8", "sdpa", "torch_components", "xformers")]
+    by_name = {p["name"]: p["components"] for p in data}
+    assert by_name["sdpa"] == ["attention:sdpa"] and by_name["int8"] == ["linear:int8"]
+    assert by_name["torch_components"][-2:] == ["head:sequence_classification", "head:question_answering"]
 
 
 def test_plugins_shows_blocked(capsys, monkeypatch):
     monkeypatch.setenv("OPTKIT_BLOCK_PLUGINS", "sdpa")
     code, out, _ = run(capsys, "plugins")
     assert code == 0
-    assert out.splitlines()[2] == "sdpa (optkit 0.1.0) [blocked: listed in OPTKIT_BLOCK_PLUGINS]"
+    assert "sdpa (optkit 0.1.0) [blocked: listed in OPTKIT_BLOCK_PLUGINS]" in out.splitlines()
 
 
 def test_plugins_none_installed(capsys, monkeypatch):
@@ -102,7 +105,10 @@ def test_info(capsys):
     assert (code, err) == (0, "")
     first, rest = out.split("\n", 1)
     assert first.startswith("torch ") and first.endswith("; checking cpu/bfloat16")
-    assert rest == INFO
+    lines = rest.splitlines()
+    gpu = [line for line in lines if line.split()[1] in ("flash", "xformers")]
+    assert [line for line in lines if line not in gpu and " int8 " not in line] == INFO.splitlines()
+    assert len(gpu) == 2 and all("unavailable: device cpu (supported: cuda)" in line for line in gpu)
 
 
 def test_validate_ok(capsys, tmp_path):
@@ -131,7 +137,7 @@ def test_validate_invalid(capsys, tmp_path):
     assert err == (f"{path}: INVALID\n"
                    f"2 problem(s) in model spec in {path}:\n"
                    "  - decoder.hidden_size: 66 is not divisible by num_heads=4\n"
-                   "  - decoder.attention: unknown attention 'sdp' (available: eager, sdpa); did you mean 'sdpa'?\n")
+                   "  - decoder.attention: unknown attention 'sdp' (available: eager, flash, sdpa, xformers); did you mean 'sdpa'?\n")
 
 
 def test_validate_unknown_preset(capsys):

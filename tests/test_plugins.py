@@ -260,10 +260,11 @@ def test_import_optkit_loads_no_plugins():
 def test_installed_first_party_entry_points(registry):
     load_entry_points(registry)
     assert [(p.name, p.distribution, p.status) for p in registry.plugins] == [
-        ("eager", "optkit", "ok"), ("sdpa", "optkit", "ok"), ("torch_components", "optkit", "ok")]
+        ("eager", "optkit", "ok"), ("flash", "optkit", "ok"), ("int8", "optkit", "ok"), ("sdpa", "optkit", "ok"),
+        ("torch_components", "optkit", "ok"), ("xformers", "optkit", "ok")]
     assert {(r.kind, r.name) for r in registry.registrations()} == {
-        ("attention", "eager"), ("attention", "sdpa"),
-        ("linear", "torch"),
+        ("attention", "eager"), ("attention", "sdpa"), ("attention", "flash"), ("attention", "xformers"),
+        ("linear", "torch"), ("linear", "int8"),
         ("norm", "layernorm"),
         ("mlp", "ffn"),
         ("token_embedding", "learned"),
@@ -277,5 +278,5 @@ def test_installed_first_party_entry_points(registry):
 def test_global_registry_loads_on_first_use():
     fresh = Registry(autoload=True)
     assert fresh._loaded is False and fresh.plugins == []
-    assert fresh.names("attention") == ["eager", "sdpa"]
+    assert fresh.names("attention") == ["eager", "flash", "sdpa", "xformers"]
     assert fresh._loaded is True

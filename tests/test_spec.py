@@ -23,8 +23,7 @@ PRESETS = ("opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, 
            "opt-tiny-350m-style")
 ACTIVATIONS = typing.get_args(FeedForwardParams.model_fields["activation"].annotation)
 PROBLEM_TYPES = typing.get_args(typing.get_args(SequenceClassificationParams.model_fields["problem_type"].annotation)[0])
-FLSH = ("unknown attention 'flsh' (available: eager, sdpa); did you mean 'flash'? "
-        "'flash' is provided by optkit[flash]: install it with `pip install 'optkit[flash]'`")
+FLSH = "unknown attention 'flsh' (available: eager, flash, sdpa, xformers); did you mean 'flash'?"
 
 
 def problems(excinfo) -> list[str]:
@@ -304,7 +303,7 @@ def test_every_problem_when_the_shape_is_right():
         "decoder.hidden_size: 65 is not divisible by num_heads=4",
         "tokens.pad_token_id: -1 is outside the vocabulary [0, 512)",
         "tokens.eos_token_id: 512 is outside the vocabulary [0, 512)",
-        "decoder.attention: unknown attention 'sdp' (available: eager, sdpa); did you mean 'sdpa'?",
+        "decoder.attention: unknown attention 'sdp' (available: eager, flash, sdpa, xformers); did you mean 'sdpa'?",
         "decoder.norm.params.epsilon: unknown field (not allowed here)",
         "head.params.num_labels: Input should be greater than 0",
     ]

@@ -1,0 +1,108 @@
+"""flash-attn as an optkit attention backend (``attention="flash"``).
+
+flash-attn is imported on first use, never at plugin import, so this plugin always loads and can explain why
+flash is unavailable (no library, no CUDA, an old GPU, float32). Masks map onto flash-attn exactly:
+
+* no visible padding: ``flash_attn_func``; causal with a cache offset uses flash-attn's bottom-right alignment
+  (>= 2.1) over the keys up to the last query, so unwritten static-cache slots never enter;
+* padding: `varlen.plan_varlen` packs the real rows and calls ``flash_attn_varlen_func`` (at most twice);
+  pad positions are zero-filled, the contract every backend shares (never NaN).
+
+OPT pre-scales q, so the core passes ``scale=1.0``; it goes to flash-attn as ``softmax_scale`` unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+import optkit
+from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
+from optkit.registry import Capabilities
+
+from . import library
+from .library import FlashBackend, Implementation, check_head_dim
+from .varlen import Segments, VarlenPlan, plan_for, run_plan, visible_key_len
+
+OPTKIT_PLUGIN_API = 1
+CAPABILITIES = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}), padding=True,
+                            kv_cache=True, dropout=True, attention_weights=False, backward=True)
+
+
+class FlashParams(BaseModel):
+    """``implementation``: "auto" (flash-attn 2 if installed, else FA4), or force "fa2" / "fa4"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    implementation: Implementation = "auto"
+
+
+class FlashAttention(AttentionKernel):
+    """Compute-only kernel; ``backend`` is injectable so the mask handling is testable without a GPU."""
+
+    name = "flash"
+
+    def __init__(self, implementation: Implementation = "auto", backend: FlashBackend | None = None) -> None:
+        super().__init__()
+        self.implementation = implementation
+        self._backend = backend
+
+    @property
+    def backend(self) -> FlashBackend:
+        if self._backend is None:
+            self._backend = library.load(self.implementation)
+        return self._backend
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, *, scale: float,
+                dropout_p: float = 0.0, need_weights: bool = False) -> AttentionResult:
+        if need_weights:
+            raise NotImplementedError("flash cannot return attention weights; use attention='eager'")
+        check_head_dim(query.shape[-1])
+        backend = self.backend
+        backend.validate(query, dropout_p)
+        plan = plan_for(mask, query.device)
+        if plan is not None:
+            return AttentionResult(self._varlen(backend, query, key, value, plan, scale, dropout_p), None)
+        return AttentionResult(self._dense(backend, query, key, value, mask, scale, dropout_p), None)
+
+    @staticmethod
+    def _dense(backend: FlashBackend, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask,
+               scale: float, dropout_p: float) -> Tensor:
+        """No visible padding: one call; bottom-right causal equals "key <= q_offset + i" over the visible keys."""
+        keys = visible_key_len(mask)
+        causal = mask.causal and mask.q_len > 1  # one query at the end sees every visible key
+        out = backend.dense(query.transpose(1, 2), key[:, :, :keys].transpose(1, 2),
+                            value[:, :, :keys].transpose(1, 2), causal=causal, scale=scale, dropout_p=dropout_p)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def _varlen(backend: FlashBackend, query: Tensor, key: Tensor, value: Tensor, plan: VarlenPlan,
+                scale: float, dropout_p: float) -> Tensor:
+        def attend(seg: Segments, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return backend.varlen(q, k, v, seg, scale=scale, dropout_p=dropout_p)
+
+        return run_plan(plan, query, key, value, attend)
+
+    def extra_repr(self) -> str:
+        return f"backend='flash', implementation={self.implementation!r}"
+
+
+def flash(params: FlashParams | None, ctx: Any) -> FlashAttention:
+    """Refuse an unsupported head_dim at build time rather than at the first forward."""
+    params = params or FlashParams()
+    if ctx is not None:
+        check_head_dim(ctx.decoder.head_dim)
+    return FlashAttention(params.implementation)
+
+
+def check(device: torch.device, dtype: torch.dtype) -> list[str]:
+    return library.unavailable_reasons(device, dtype)
+
+
+@optkit.hookimpl
+def optkit_register(registry: Any) -> None:
+    registry.register("attention", "flash", flash, params=FlashParams, capabilities=CAPABILITIES, check=check,
+                      description="flash-attn 2 / FlashAttention-4: fp16/bf16 on CUDA, varlen for padding")
