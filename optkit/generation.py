@@ -13,6 +13,8 @@ and beam search with ``length_penalty`` / ``early_stopping``. Deliberate differe
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -58,6 +60,7 @@ class Settings:
     early_stopping: bool | str
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    cache_implementation: str | None = "static"  # preallocated, written in place: no copy per step
 
 
 # -- logits processors: small functions, composed in transformers' order -------------------------
@@ -289,7 +292,7 @@ def _pick(scores: Tensor, do_sample: bool, generator: torch.Generator | None) ->
 
 def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
                       generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
-    cache = model.new_cache(ids.shape[0], max_length=s.max_length)
+    cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     logits = _forward_last(model, ids, mask, cache)
@@ -386,7 +389,7 @@ def _beam_search(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     k = max(2, 1 + len(s.eos_token_ids)) * num_beams  # enough candidates that num_beams survive EOS
     b = _new_beams(ids, batch, num_beams, s.max_length, fill)
-    cache = model.new_cache(ids.shape[0], max_length=s.max_length)
+    cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
     logits = _forward_last(model, ids, mask, cache)
     length = prompt_length
     while True:
@@ -468,7 +471,8 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
              num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, streamer: Streamer | None = None) -> Tensor:
+             generator: torch.Generator | None = None, streamer: Streamer | None = None,
+             cache_implementation: str | None = "static") -> Tensor:
     """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
 
     Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
@@ -478,10 +482,13 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     does. ``eos_token_id``/``pad_token_id`` default to the model's; ``eos_token_id=[]``
     never stops early. Sampling draws from ``generator`` (torch's global RNG when None). Dropout follows
     the model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
+    ``cache_implementation``: a registered kv_cache ("static": preallocated for exactly the needed
+    length and written in place; "dynamic": grows by concatenation; None: the spec's choice).
     """
     s = _settings(model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
                   temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_beams,
                   num_return_sequences, length_penalty, early_stopping, eos_token_id, pad_token_id, streamer)
+    s = dataclasses.replace(s, cache_implementation=cache_implementation)
     ids = input_ids.to(device=model.device, dtype=torch.long)
     mask = _default_mask(ids, s) if attention_mask is None else attention_mask.to(device=model.device,
                                                                                    dtype=torch.long)

@@ -1,0 +1,293 @@
+"""optkit vs transformers on the same weights: prefill latency, decode tokens/s, memory, bandwidth use.
+
+Not a test: a user runs it and reads the table. Both systems load one checkpoint (random weights
+at real OPT shapes), warm up, then alternate A/B/A/B; medians and spread are reported together
+with a memory bandwidth measured in the same run.
+
+    python benchmarks/bench_generate.py --shape opt-125m --dtype float32 --batch 1 8 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import optkit
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # transformers OPTConfig fields of the real checkpoints
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                     word_embed_proj_dim=512, do_layer_norm_before=False),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+}
+
+
+@dataclass
+class Result:
+    system: str
+    workload: str
+    batch: int
+    prompt: int
+    new: int
+    ttft_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_median(self) -> float:
+        return statistics.median(self.decode_tok_s)
+
+    @property
+    def ttft_median(self) -> float:
+        return statistics.median(self.ttft_s)
+
+
+def memory_bandwidth_gbs(reps: int = 7, gib: float = 1.0) -> float:
+    """Read bandwidth of this machine with torch's threads: the roofline for decoding."""
+    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def make_checkpoint(shape: str, directory: Path) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(**SHAPES[shape], torch_dtype="float32")
+    transformers.OPTForCausalLM(config).save_pretrained(directory)
+
+
+def load_pair(directory: Path, dtype: torch.dtype, device: str, attention: str):
+    import transformers
+
+    hf = transformers.OPTForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    ours = optkit.from_pretrained(directory, dtype=dtype, device=device, attention=attention)
+    return hf, ours
+
+
+def prompts(batch: int, length: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts: row i has i*4 pads (batch 1: none)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : min(row * 4, length - 1)] = 0
+    return ids.masked_fill(mask == 0, 1).to(device), mask.to(device)
+
+
+def generate(system: str, model, ids, mask, new: int) -> torch.Tensor:
+    """Greedy, EOS held off by min_new_tokens so both produce exactly ``new`` tokens."""
+    if system == "transformers":
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=1)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure(systems: dict, ids, mask, new: int, reps: int, device: str, workload: str) -> list[Result]:
+    results = {name: Result(name, workload, ids.shape[0], ids.shape[1], new) for name in systems}
+    for name, model in systems.items():  # warm up both
+        generate(name, model, ids, mask, 2)
+    for _ in range(reps):  # A/B/A/B
+        for name, model in systems.items():
+            ttft = timed(lambda: generate(name, model, ids, mask, 1), device)
+            total = timed(lambda: generate(name, model, ids, mask, new), device)
+            results[name].ttft_s.append(ttft)
+            results[name].decode_tok_s.append(ids.shape[0] * (new - 1) / max(total - ttft, 1e-9))
+    return list(results.values())
+
+
+def bytes_per_token(model, context: int, batch: int) -> float:
+    """Weights read once per decode step (the position table: one row) plus the KV cache read."""
+    d = model.spec.decoder
+    element = next(model.parameters()).element_size()
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embed_positions" not in name)
+    kv = 2 * d.num_layers * context * d.hidden_size * batch
+    return (weights + kv) * element
+
+
+def peak_rss_mib(system: str, directory: Path, args: argparse.Namespace) -> float:
+    """Peak resident memory of loading + one generate() in a fresh process (CPU)."""
+    command = [sys.executable, __file__, "--peak-rss", system, "--checkpoint", str(directory), "--dtype", args.dtype,
+               "--device", args.device, "--attention", args.attention, "--prompt", str(args.prompt),
+               "--new", str(args.new)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run_peak_rss(args: argparse.Namespace) -> None:
+    import transformers
+
+    dtype = getattr(torch, args.dtype)
+    if args.peak_rss == "transformers":
+        model = transformers.OPTForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
+    else:
+        model = optkit.from_pretrained(args.checkpoint, dtype=dtype, device=args.device, attention=args.attention)
+    ids, mask = prompts(1, args.prompt, 50272, args.device)
+    generate(args.peak_rss, model, ids, mask, args.new)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def svg_plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """A dependency-free line chart of tokens/s against context length."""
+    width, height, pad = 640, 360, 50
+    xs = [x for series in points.values() for x, _ in series]
+    ys = [y for series in points.values() for _, y in series]
+    x_max, y_max = max(xs), max(ys) * 1.1
+    sx = lambda x: pad + (width - 2 * pad) * x / x_max
+    sy = lambda y: height - pad - (height - 2 * pad) * y / y_max
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
+             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle" font-size="12">context length (tokens)</text>',
+             f'<text x="15" y="{height / 2}" font-size="12" transform="rotate(-90 15 {height / 2})">decode tokens/s</text>']
+    for tick in range(0, 6):
+        y = y_max * tick / 5
+        parts.append(f'<text x="{pad - 5}" y="{sy(y) + 4}" text-anchor="end" font-size="10">{y:.0f}</text>')
+    for x in sorted(set(xs)):
+        parts.append(f'<text x="{sx(x)}" y="{height - pad + 15}" text-anchor="middle" font-size="10">{x}</text>')
+    for i, (name, series) in enumerate(points.items()):
+        series = sorted(series)
+        path_d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in series)
+        parts.append(f'<polyline fill="none" stroke="{colors[i % 4]}" stroke-width="2" points="{path_d}"/>')
+        parts.append(f'<text x="{width - pad - 150}" y="{pad + 15 * i}" fill="{colors[i % 4]}" font-size="12">{name}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="opt-125m", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--long", type=int, default=1900, help="prompt length of the long-context case (0: skip)")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 1024, 1900])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS in fresh processes (CPU)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--write-docs", action="store_true", help="write docs/performance/*.md and the plot")
+    parser.add_argument("--peak-rss", choices=["transformers", "optkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_rss:
+        return run_peak_rss(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    bandwidth = memory_bandwidth_gbs()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        make_checkpoint(args.shape, directory)
+        hf, ours = load_pair(directory, dtype, args.device, args.attention)
+        systems = {"transformers": hf, "optkit": ours}
+        ids, mask = prompts(1, 32, 50272, args.device)
+        same = torch.equal(generate("transformers", hf, ids, mask, 16), generate("optkit", ours, ids, mask, 16))
+        results: list[Result] = []
+        for batch in args.batch:
+            ids, mask = prompts(batch, args.prompt, 50272, args.device)
+            results += measure(systems, ids, mask, args.new, args.reps, args.device, f"{args.prompt}+{args.new}")
+        curve: dict[str, list[tuple[int, float]]] = {"transformers": [], "optkit": []}
+        for context in args.contexts if args.long else []:
+            ids, mask = prompts(1, context, 50272, args.device)
+            reps = max(3, args.reps // 2)
+            for r in measure(systems, ids, mask, 32, reps, args.device, f"context {context}+32"):
+                results.append(r)
+                curve[r.system].append((context, r.decode_median))
+        memory = {}
+        if args.memory and args.device == "cpu":
+            for name in systems:
+                memory[name] = peak_rss_mib(name, directory, args)
+    report = render(args, results, bandwidth, ours, same, memory)
+    print(report)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if args.write_docs:
+        docs = ROOT / "docs"
+        stem = f"performance-{args.shape}-{args.dtype}-{args.device.split(':')[0]}"
+        if curve["optkit"]:
+            svg_plot(curve, docs / f"{stem}.svg", f"{args.shape} {args.dtype} on {args.device}: decode tokens/s")
+        (docs / "performance").mkdir(exist_ok=True)
+        (docs / "performance" / f"{stem}.md").write_text(report)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return f"{cpu}; {torch.get_num_threads()} torch threads; GPU: {gpu}"
+
+
+def render(args, results: list[Result], bandwidth: float, ours, same: bool, memory: dict) -> str:
+    import transformers
+
+    lines = [f"### {args.shape}, {args.dtype}, {args.device}, attention={args.attention}", "",
+             f"- machine: {machine()}",
+             f"- versions: optkit {optkit.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+             f"python {platform.python_version()}",
+             f"- measured read bandwidth (torch sum over 1 GiB): {bandwidth:.1f} GB/s",
+             f"- greedy tokens identical to transformers (16 tokens, batch 1): {same}",
+             f"- {args.reps} alternating repetitions per workload; medians, [min–max] in brackets", "",
+             "| workload | batch | system | time to first token (ms) | decode tok/s | optkit / transformers | bytes/token (MB) | effective GB/s | % of bandwidth |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_key: dict[tuple[str, int], dict[str, Result]] = {}
+    for r in results:
+        by_key.setdefault((r.workload, r.batch), {})[r.system] = r
+    for (workload, batch), pair in by_key.items():
+        for name, r in pair.items():
+            context = r.prompt + r.new // 2
+            per_token = bytes_per_token(ours, context, batch) / batch
+            effective = per_token * r.decode_median / 1e9
+            ratio = r.decode_median / pair["transformers"].decode_median if name == "optkit" else 1.0
+            lines.append(
+                f"| {workload} | {batch} | {name} | {r.ttft_median * 1e3:.1f} [{min(r.ttft_s) * 1e3:.1f}–{max(r.ttft_s) * 1e3:.1f}] "
+                f"| {r.decode_median:.1f} [{min(r.decode_tok_s):.1f}–{max(r.decode_tok_s):.1f}] | {ratio:.2f}x "
+                f"| {per_token / 1e6:.0f} | {effective:.1f} | {100 * effective / bandwidth:.0f}% |")
+    if memory:
+        lines += ["", "Peak resident memory of one generate() in a fresh process: "
+                  + ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
