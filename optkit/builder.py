@@ -61,7 +61,7 @@ def _resolve_auto(spec: ModelSpec, registry: Any, device: torch.device, dtype: t
             entry = registry.select_auto(kind, device, dtype)
             log.info("optkit: %s=auto picked '%s' for %s/%s", kind, entry.name, device.type, dtype)
             choices[kind] = entry.name
-    return spec.with_components(**choices) if choices else spec
+    return spec.with_components(registry=registry, **choices) if choices else spec
 
 
 def _check_usable(spec: ModelSpec, registry: Any, device: torch.device, dtype: torch.dtype) -> None:
@@ -114,7 +114,7 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
     if not isinstance(spec, ModelSpec):
         spec = load_spec(spec)
     if component_overrides:
-        spec = spec.with_components(**component_overrides)
+        spec = spec.with_components(registry=registry, **component_overrides)
     spec = validate_spec(spec, registry=registry)
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
@@ -158,7 +158,7 @@ def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, 
     if attention is None:
         return model
     device, dtype = model.device, model.dtype
-    spec = model.spec.with_components(attention=attention)
+    spec = model.spec.with_components(attention=attention, registry=registry)
     spec = _resolve_auto(spec, registry, device, dtype)
     registry.require_usable("attention", spec.decoder.attention.name, device, dtype)
     ctx = BuildContext(spec=spec, registry=registry, device=device, dtype=dtype)

@@ -99,8 +99,9 @@ class ModelSpec(StrictModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def with_components(self, **choices: Any) -> "ModelSpec":
-        """A copy with some components swapped, e.g. ``attention="sdpa"`` or ``head="base"``."""
+    def with_components(self, *, registry: Any = None, **choices: Any) -> "ModelSpec":
+        """A copy with some components swapped, e.g. ``attention="sdpa"`` or ``head="base"``,
+        validated against ``registry`` (default: the global one)."""
         data = self.to_dict()
         for kind, choice in choices.items():
             if choice is None:
@@ -112,7 +113,7 @@ class ModelSpec(StrictModel):
                 data["decoder"][kind] = ref
             else:
                 raise SpecValidationError([f"{kind}: not a component kind (kinds: head, {', '.join(DECODER_COMPONENTS)})"])
-        return validate_spec(data)
+        return validate_spec(data, registry=registry)
 
 
 # -- loading ---------------------------------------------------------------------------------

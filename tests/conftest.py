@@ -1,8 +1,16 @@
 import pathlib
 import sys
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time: a red run is reproducible, never a coin toss.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # shared test helpers (hf_oracle, tokenizer_fixtures)
 

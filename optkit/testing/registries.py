@@ -7,15 +7,12 @@ or one test's component leaks into every later test; these helpers undo on exit.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from optkit.plugins import ENTRY_POINT_GROUP, FIRST_PARTY, PLUGIN_API, load_entry_points
 from optkit.registry import Provider, Registration, Registry
-
-FIRST_PARTY_MODULES = ("optkit_torch_components", "optkit_attention_eager", "optkit_attention_sdpa")
 
 
 def fresh_registry(*, first_party: bool = True, plugins: tuple[ModuleType, ...] = ()) -> Registry:
@@ -30,14 +27,13 @@ def fresh_registry(*, first_party: bool = True, plugins: tuple[ModuleType, ...] 
 
 
 def _load_first_party(registry: Registry) -> None:
-    """Through optkit's own entry points when installed, else by importing the modules."""
+    """Through optkit's own entry points, exactly as the global registry loads them."""
     eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP)
            if getattr(ep, "dist", None) is not None and ep.dist.metadata["Name"] == FIRST_PARTY]
-    if eps:
-        load_entry_points(registry, eps=eps)
-        return
-    for name in FIRST_PARTY_MODULES:
-        add_plugin(importlib.import_module(name), registry, provider=Provider(name, FIRST_PARTY, "?"))
+    if not eps:
+        raise RuntimeError("optkit's own entry points are not installed, so neither this registry nor the global "
+                           "one can find its components: install optkit with pip (pip install -e .)")
+    load_entry_points(registry, eps=eps)
 
 
 def add_plugin(module: ModuleType, registry: Registry, *, provider: Provider | None = None
@@ -52,8 +48,13 @@ def add_plugin(module: ModuleType, registry: Registry, *, provider: Provider | N
     if hook is None:
         raise TypeError(f"plugin module {module.__name__} has no optkit_register hook")
     before = _keys(registry)
-    with registry.providing(provider or Provider(module.__name__, "<temporary>", "?")):
-        hook(registry=registry)
+    try:
+        with registry.providing(provider or Provider(module.__name__, "<temporary>", "?")):
+            hook(registry=registry)
+    except BaseException:
+        for kind, name in _keys(registry) - before:  # roll back, as the loader does
+            registry.unregister(kind, name)
+        raise
     return sorted(_keys(registry) - before)
 
 
