@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default 50; 0: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy or sampling)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--attention", default=None, help="attention backend, e.g. eager or sdpa")
     p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = pipeline(args.task, model=args.model, dtype=args.dtype, device=args.device, attention=args.attention)
     options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   num_beams=args.num_beams, generator=_generator(args.seed, pipe.model.device))
+                                   num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                                   no_repeat_ngram_size=args.no_repeat_ngram_size, generator=_generator(args.seed, pipe.model.device))
     if args.stream and args.num_beams == 1:
         pipe(prompt, streamer=TextStreamer(pipe.tokenizer, skip_special_tokens=True), **options)
     else:
