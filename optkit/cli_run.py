@@ -14,10 +14,10 @@ DESCRIPTION = """\
 Generate text with a model: the bundled default model, or --model (a checkpoint directory with
 its tokenizer files, or a Hugging Face hub id).
 
-The prompt is --prompt, or else ALL of standard input as one prompt (a trailing newline is
-dropped), e.g.  echo "Hello" | optkit run --max-new-tokens 20
+The prompt is --prompt, or else every non-empty line of standard input is one prompt, e.g.
+  echo -e "Hello\nThe meaning of life is" | optkit run --max-new-tokens 20
 
-The prompt and its continuation are printed on stdout, followed by a newline. With --stream
+Each prompt and its continuation are printed on stdout, followed by a newline. With --stream
 (the default) text is printed as it is generated; beam search (--num-beams > 1) prints at the end.
 """
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="text-generation", help="pipeline task (supported: text-generation)")
     p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
-    p.add_argument("--prompt", default=None, help="prompt text (default: read all of stdin)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: one prompt per line of stdin)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: up to 256, within the model's positions)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--attention", default=None, help="attention backend, e.g. eager or sdpa")
+    p.add_argument("--linear", default=None, help="linear backend, e.g. torch or int8")
     p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -47,14 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
+def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
-        return args.prompt
-    text = sys.stdin.read()
-    text = text[:-1] if text.endswith("\n") else text
-    if not text.strip():
-        raise InputError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
-    return text
+        return [args.prompt]
+    prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise InputError("no prompt: pass --prompt TEXT or pipe prompts on stdin, one per line")
+    return prompts
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -66,14 +66,18 @@ def run(args: argparse.Namespace) -> int:
     from optkit.pipelines import pipeline
     from optkit.streaming import TextStreamer
 
-    prompt = _read_prompt(args)
-    pipe = pipeline(args.task, model=args.model, dtype=args.dtype, device=args.device, attention=args.attention)
+    prompts = _read_prompts(args)
+    if sys.stderr.isatty():
+        print(f"optkit: loading {args.model or 'the bundled model'} ...", file=sys.stderr, flush=True)
+    pipe = pipeline(args.task, model=args.model, dtype=args.dtype, device=args.device, attention=args.attention,
+                    linear=args.linear)
     options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
                                    no_repeat_ngram_size=args.no_repeat_ngram_size, generator=_generator(args.seed, pipe.model.device))
-    if args.stream and args.num_beams == 1:
-        pipe(prompt, streamer=TextStreamer(pipe.tokenizer, skip_special_tokens=True), **options)
-    else:
-        print(pipe(prompt, **options)[0]["generated_text"], flush=True)
+    for prompt in prompts:
+        if args.stream and args.num_beams == 1:
+            pipe(prompt, streamer=TextStreamer(pipe.tokenizer, skip_special_tokens=True), **options)
+        else:
+            print(pipe(prompt, **options)[0]["generated_text"], flush=True)
     return 0

@@ -52,17 +52,17 @@ def _load_tokenizer(source: Any) -> Any:
         raise CheckpointNotFoundError(str(exc)) from None
 
 
-def _load_model(source: Any, dtype: Any, device: Any, attention: str | None) -> Any:
+def _load_model(source: Any, dtype: Any, device: Any, attention: str | None, linear: str | None = None) -> Any:
     from optkit.builder import set_backend
     from optkit.checkpoints import from_pretrained
     from optkit.model import Model
 
     if not isinstance(source, Model):
-        return from_pretrained(source, attention=attention, dtype=_dtype(dtype), device=device)
+        return from_pretrained(source, attention=attention, linear=linear, dtype=_dtype(dtype), device=device)
     dtype = None if dtype == "auto" else _dtype(dtype)  # a loaded model has no checkpoint dtype to follow
     if dtype is not None or device is not None:
         source = source.to(device=device, dtype=dtype)
-    return set_backend(source, attention=attention)
+    return set_backend(source, attention=attention, **({"linear": linear} if linear else {}))
 
 
 class TextGenerationPipeline:
@@ -103,7 +103,8 @@ class TextGenerationPipeline:
 
 
 def pipeline(task: str, model: Any = None, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
-             device: torch.device | str | None = None, attention: str | None = None) -> TextGenerationPipeline:
+             device: torch.device | str | None = None, attention: str | None = None,
+             linear: str | None = None) -> TextGenerationPipeline:
     """A ready-to-call pipeline. ``model``: checkpoint directory, hub id, optkit Model, or None (bundled).
 
     ``tokenizer`` defaults to the one stored with the model; pass it when ``model`` is a Model.
@@ -117,4 +118,4 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, dtype: torch.d
         raise InputError("pipeline(model=<Model>) needs tokenizer=<directory or optkit Tokenizer>: a loaded model "
                          "does not know where its tokenizer files are")
     loaded_tokenizer = _load_tokenizer(source if tokenizer is None else tokenizer)  # cheap: fail fast
-    return TextGenerationPipeline(_load_model(source, dtype, device, attention), loaded_tokenizer)
+    return TextGenerationPipeline(_load_model(source, dtype, device, attention, linear), loaded_tokenizer)

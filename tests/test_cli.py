@@ -74,7 +74,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_plugins(capsys):
-    assert run(capsys, "plugins") == (0, PLUGINS, "")
+    assert run(capsys, "plugins", "--no-usable") == (0, PLUGINS, "")
+
+
+def test_plugins_say_what_cannot_run_here(capsys):
+    code, out, _ = run(capsys, "plugins", "--device", "cpu", "--dtype", "float32")
+    lines = out.splitlines()
+    assert code == 0 and "    attention: sdpa" in lines and "    attention: eager" in lines
+    flash = next(line for line in lines if line.startswith("    attention: flash"))
+    assert flash.startswith("    attention: flash  (not usable on cpu/float32: device cpu (supported: cuda); "
+                            "dtype float32 (supported: bfloat16, float16)")
 
 
 def test_plugins_json(capsys):
@@ -175,5 +184,5 @@ def test_console_script():
     exe = shutil.which("optkit")
     assert exe is not None, "the optkit console script is not installed (pip install -e .)"
     env = {k: v for k, v in os.environ.items() if k not in ENV}
-    result = subprocess.run([exe, "plugins"], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run([exe, "plugins", "--no-usable"], capture_output=True, text=True, env=env, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (0, PLUGINS, "")

@@ -60,10 +60,10 @@ def test_streamed_output_equals_the_final_text(capsys, model_dir, prompt):
     assert streamed[1].startswith(prompt)
 
 
-def test_prompt_from_stdin(capsys, monkeypatch, model_dir):
+def test_prompts_from_stdin_one_per_line(capsys, monkeypatch, model_dir):
     args = ("--model", str(model_dir), "--max-new-tokens", "6")
-    expected = run(capsys, *args, "--prompt", "the quick\nbrown fox")[1]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("the quick\nbrown fox\n"))  # all of stdin, one prompt
+    expected = run(capsys, *args, "--prompt", "the quick")[1] + run(capsys, *args, "--prompt", "brown fox")[1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the quick\n\nbrown fox\n"))  # blank lines are skipped
     assert run(capsys, *args)[1] == expected
 
 
@@ -98,7 +98,7 @@ def test_errors_print_one_line_and_exit_2(capsys, model_dir, argv, message):
 def test_empty_stdin_is_an_error(capsys, monkeypatch, model_dir):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
     code, _, err = run(capsys, "--model", str(model_dir))
-    assert code == 2 and "no prompt: pass --prompt TEXT or pipe the prompt on stdin" in err
+    assert code == 2 and "no prompt: pass --prompt TEXT or pipe prompts on stdin, one per line" in err
 
 
 def test_without_model_uses_the_bundled_one(capsys, monkeypatch, tmp_path):
@@ -111,7 +111,7 @@ def test_help_says_where_the_prompt_comes_from(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--help"])
     assert exit_info.value.code == 0
-    assert "ALL of standard input as one prompt" in capsys.readouterr().out
+    assert "every non-empty line of standard input is one prompt" in capsys.readouterr().out
 
 
 def test_subprocess_reads_the_prompt_from_stdin(model_dir, pipe):

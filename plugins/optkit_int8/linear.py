@@ -17,10 +17,20 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
+import logging
+
 import torch
-from bitsandbytes.nn import Int8Params, Linear8bitLt
+
+# bitsandbytes warns at import about an optional 4-bit CPU kernel package; int8 does not use it.
+_quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+_level = _quiet.level
+_quiet.setLevel(logging.ERROR)
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.nn import Int8Params, Linear8bitLt
+finally:
+    _quiet.setLevel(_level)
 from torch import Tensor, nn
 
 
