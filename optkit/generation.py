@@ -278,8 +278,12 @@ def _raise(problems: list[str]) -> None:
 
 
 # -- the two decoding loops -----------------------------------------------------------------------
-def _forward_last(model: Model, ids: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
-    """Next-token logits (rows, vocab) in fp32, appending ``ids`` to the cache."""
+def _forward_last(model: Model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:
+    """Next-token logits (rows, vocab) in fp32, appending ``ids`` to the cache.
+
+    ``mask`` is None when nothing is padded: positions are then just the cache length, with no
+    per-step mask work and no host synchronisation.
+    """
     out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
 
@@ -295,7 +299,8 @@ def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, proc
     cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    logits = _forward_last(model, ids, mask, cache)
+    padded = not bool(mask.all())
+    logits = _forward_last(model, ids, mask if padded else None, cache)
     while True:
         token = _pick(apply_processors(processors, ids, logits), s.do_sample, generator)
         if len(eos):
@@ -307,7 +312,7 @@ def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, proc
             streamer.put(token.cpu())
         if ids.shape[1] >= s.max_length or not bool(unfinished.any()):
             return ids
-        logits = _forward_last(model, token[:, None], mask, cache)
+        logits = _forward_last(model, token[:, None], mask if padded else None, cache)
 
 
 @dataclass
