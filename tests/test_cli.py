@@ -22,6 +22,13 @@ flash (optkit 0.1.0) [ok]
     attention: flash
 int8 (optkit 0.1.0) [ok]
     linear: int8
+llama_components (optkit 0.1.0) [ok]
+    norm: rmsnorm
+    positional_embedding: rotary
+    mlp: gated
+    token_embedding: stable
+onednn (optkit 0.1.0) [ok]
+    linear: onednn
 sdpa (optkit 0.1.0) [ok]
     attention: sdpa
 torch_components (optkit 0.1.0) [ok]
@@ -42,11 +49,15 @@ xformers (optkit 0.1.0) [ok]
 
 INFO = """\
 token_embedding       learned                  available  [torch_components]
+token_embedding       stable                   available  [llama_components]
 positional_embedding  learned                  available  [torch_components]
+positional_embedding  rotary                   available  [llama_components]
 attention             eager                    available  [eager]
 attention             sdpa                     available  [sdpa]
 mlp                   ffn                      available  [torch_components]
+mlp                   gated                    available  [llama_components]
 norm                  layernorm                available  [torch_components]
+norm                  rmsnorm                  available  [llama_components]
 linear                torch                    available  [torch_components]
 kv_cache              dynamic                  available  [torch_components]
 kv_cache              static                   available  [torch_components]
@@ -91,7 +102,8 @@ def test_plugins_json(capsys):
     assert (code, err) == (0, "")
     data = json.loads(out)
     assert [(p["name"], p["distribution"], p["version"], p["status"], p["reason"]) for p in data] == [
-        (name, "optkit", "0.1.0", "ok", "") for name in ("eager", "flash", "int8", "sdpa", "torch_components", "xformers")]
+        (name, "optkit", "0.1.0", "ok", "") for name in ("eager", "flash", "int8", "llama_components", "onednn", "sdpa",
+                                                         "torch_components", "xformers")]
     by_name = {p["name"]: p["components"] for p in data}
     assert by_name["sdpa"] == ["attention:sdpa"] and by_name["int8"] == ["linear:int8"]
     assert by_name["torch_components"][-2:] == ["head:sequence_classification", "head:question_answering"]
@@ -116,7 +128,8 @@ def test_info(capsys):
     assert first.startswith("torch ") and first.endswith("; checking cpu/bfloat16")
     lines = rest.splitlines()
     gpu = [line for line in lines if line.split()[1] in ("flash", "xformers")]
-    assert [line for line in lines if line not in gpu and " int8 " not in line] == INFO.splitlines()
+    optional = (" int8 ", " onednn ")  # usable or not depending on the libraries and torch build
+    assert [line for line in lines if line not in gpu and not any(o in line for o in optional)] == INFO.splitlines()
     assert len(gpu) == 2 and all("unavailable: device cpu (supported: cuda)" in line for line in gpu)
 
 
@@ -170,6 +183,9 @@ def test_presets(capsys):
         "opt-175b (aliases: facebook/opt-175b)",
         "opt-tiny",
         "opt-tiny-350m-style",
+        "open-llama-7b",
+        "open-llama-tiny",
+        "open-llama-tiny-v2-style",
     ]
 
 

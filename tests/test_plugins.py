@@ -251,7 +251,8 @@ def test_entry_point_name_clash_between_distributions(registry, plugin):
 def test_import_optkit_loads_no_plugins():
     code = ("import sys, optkit; "
             "print(optkit.registry._loaded, sorted(m for m in sys.modules if m in "
-            "{'optkit_attention_eager', 'optkit_attention_sdpa', 'optkit_torch_components'}))")
+            "{'optkit_attention_eager', 'optkit_attention_sdpa', 'optkit_torch_components', "
+            "'optkit_llama_components'}))")
     env = {k: v for k, v in os.environ.items() if k not in ENV}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout == "False []\n"
@@ -260,15 +261,16 @@ def test_import_optkit_loads_no_plugins():
 def test_installed_first_party_entry_points(registry):
     load_entry_points(registry)
     assert [(p.name, p.distribution, p.status) for p in registry.plugins] == [
-        ("eager", "optkit", "ok"), ("flash", "optkit", "ok"), ("int8", "optkit", "ok"), ("sdpa", "optkit", "ok"),
+        ("eager", "optkit", "ok"), ("flash", "optkit", "ok"), ("int8", "optkit", "ok"),
+        ("llama_components", "optkit", "ok"), ("onednn", "optkit", "ok"), ("sdpa", "optkit", "ok"),
         ("torch_components", "optkit", "ok"), ("xformers", "optkit", "ok")]
     assert {(r.kind, r.name) for r in registry.registrations()} == {
         ("attention", "eager"), ("attention", "sdpa"), ("attention", "flash"), ("attention", "xformers"),
-        ("linear", "torch"), ("linear", "int8"),
-        ("norm", "layernorm"),
-        ("mlp", "ffn"),
-        ("token_embedding", "learned"),
-        ("positional_embedding", "learned"),
+        ("linear", "torch"), ("linear", "int8"), ("linear", "onednn"),
+        ("norm", "layernorm"), ("norm", "rmsnorm"),
+        ("mlp", "ffn"), ("mlp", "gated"),
+        ("token_embedding", "learned"), ("token_embedding", "stable"),
+        ("positional_embedding", "learned"), ("positional_embedding", "rotary"),
         ("kv_cache", "dynamic"), ("kv_cache", "static"),
         ("head", "base"), ("head", "causal_lm"), ("head", "sequence_classification"), ("head", "question_answering"),
     }

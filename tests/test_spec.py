@@ -20,7 +20,7 @@ from optkit_torch_components.layers import FeedForwardParams
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PRESETS = ("opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b, opt-tiny, "
-           "opt-tiny-350m-style")
+           "opt-tiny-350m-style, open-llama-7b, open-llama-tiny, open-llama-tiny-v2-style")
 ACTIVATIONS = typing.get_args(FeedForwardParams.model_fields["activation"].annotation)
 PROBLEM_TYPES = typing.get_args(typing.get_args(SequenceClassificationParams.model_fields["problem_type"].annotation)[0])
 FLSH = "unknown attention 'flsh' (available: eager, flash, sdpa, xformers); did you mean 'flash'?"
@@ -40,7 +40,7 @@ def write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize("name", preset_names())
 def test_preset_validates(name):
     spec = load_spec(name)
-    assert isinstance(spec, ModelSpec) and spec.family == "opt"
+    assert isinstance(spec, ModelSpec) and spec.family == ("open-llama" if name.startswith("open-llama") else "opt")
     assert spec.decoder.hidden_size % spec.decoder.num_heads == 0
 
 
@@ -341,7 +341,7 @@ def test_auto_is_allowed_for_backends_only():
     with pytest.raises(SpecValidationError) as info:
         load_spec("opt-tiny", decoder={"attention": {"name": "auto", "params": {"x": 1}}, "norm": "auto"})
     assert problems(info) == ["decoder.attention.params: 'auto' takes no params",
-                              "decoder.norm: unknown norm 'auto' (available: layernorm)"]
+                              "decoder.norm: unknown norm 'auto' (available: layernorm, rmsnorm)"]
 
 
 def test_with_components():

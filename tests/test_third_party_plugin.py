@@ -221,7 +221,7 @@ def test_optkit_plugins_lists_it(installed):
     assert "chunked (optkit-chunked-attention 0.1.0) [ok]\n    attention: chunked\n" in installed["plugins_text"]
     (record,) = [p for p in installed["plugins_json"] if p["name"] == "chunked"]
     assert record == {"name": "chunked", "distribution": "optkit-chunked-attention", "version": "0.1.0",
-                      "status": "ok", "reason": "", "components": ["attention:chunked"]}
+                      "status": "ok", "reason": "", "components": ["attention:chunked"], "unusable": {}}
 
 
 def test_from_pretrained_with_the_plugin_equals_eager(installed):

@@ -39,9 +39,12 @@ class CausalLMHead(Head):
 
     checkpoint_prefix = "lm_head"
 
-    def __init__(self, embedding: TokenEmbedding, tied: bool, init_std: float):
+    def __init__(self, embedding: TokenEmbedding, tied: bool, init_std: float, linear_factory: Any = None):
         super().__init__()
         self.tied = tied
+        # A linear backend may offer its own matmul (e.g. oneDNN packing): the LM head is the largest GEMV.
+        self._matmul = getattr(linear_factory, "matmul", None)
+        self._matmul_cache = linear_factory.matmul_cache() if self._matmul is not None else None
         if tied:
             self.weight = embedding.weight
         else:
@@ -53,7 +56,11 @@ class CausalLMHead(Head):
             self.weight = token_embedding.weight
 
     def forward(self, hidden_states: Tensor, inputs: HeadInputs) -> dict[str, Any]:
-        logits = F.linear(keep_positions(hidden_states, inputs.logits_to_keep), self.weight)
+        hidden = keep_positions(hidden_states, inputs.logits_to_keep)
+        if self._matmul is not None:
+            logits = self._matmul(hidden, self.weight, self._matmul_cache)
+        else:
+            logits = F.linear(hidden, self.weight)
         loss = None
         if inputs.labels is not None:
             loss = causal_lm_loss(logits, inputs.labels)
@@ -158,7 +165,8 @@ def base_head(params, ctx) -> BaseHead:
 
 
 def causal_lm_head(params: CausalLMParams, ctx) -> CausalLMHead:
-    return CausalLMHead(ctx.extras["token_embedding"], params.tie_word_embeddings, ctx.decoder.init_std)
+    return CausalLMHead(ctx.extras["token_embedding"], params.tie_word_embeddings, ctx.decoder.init_std,
+                        ctx.extras.get("linear"))
 
 
 def sequence_classification_head(params: SequenceClassificationParams, ctx) -> SequenceClassificationHead:
