@@ -73,12 +73,16 @@ def make_checkpoint(shape: str, directory: Path) -> None:
     transformers.OPTForCausalLM(config).save_pretrained(directory)
 
 
-def load_pair(directory: Path, dtype: torch.dtype, device: str, attention: str):
+def load_systems(directory: Path, dtype: torch.dtype, device: str, variants: list[str]) -> dict:
+    """transformers at ``dtype`` plus one optkit model per variant ``attention/linear/dtype``."""
     import transformers
 
-    hf = transformers.OPTForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
-    ours = optkit.from_pretrained(directory, dtype=dtype, device=device, attention=attention)
-    return hf, ours
+    systems = {"transformers": transformers.OPTForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()}
+    for variant in variants:
+        attention, linear, variant_dtype = variant.split("/")
+        systems[f"optkit {variant}"] = optkit.from_pretrained(directory, dtype=getattr(torch, variant_dtype),
+                                                              device=device, attention=attention, linear=linear)
+    return systems
 
 
 def prompts(batch: int, length: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +97,7 @@ def prompts(batch: int, length: int, vocab: int, device: str) -> tuple[torch.Ten
 
 def generate(system: str, model, ids, mask, new: int) -> torch.Tensor:
     """Greedy, EOS held off by min_new_tokens so both produce exactly ``new`` tokens."""
-    if system == "transformers":
+    if system.startswith("transformers"):
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                               pad_token_id=1)
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
@@ -125,10 +129,9 @@ def measure(systems: dict, ids, mask, new: int, reps: int, device: str, workload
     return list(results.values())
 
 
-def bytes_per_token(model, context: int, batch: int) -> float:
+def bytes_per_token(model, context: int, batch: int, element: int) -> float:
     """Weights read once per decode step (the position table: one row) plus the KV cache read."""
     d = model.spec.decoder
-    element = next(model.parameters()).element_size()
     weights = sum(p.numel() for name, p in model.named_parameters() if "embed_positions" not in name)
     kv = 2 * d.num_layers * context * d.hidden_size * batch
     return (weights + kv) * element
@@ -137,8 +140,7 @@ def bytes_per_token(model, context: int, batch: int) -> float:
 def peak_rss_mib(system: str, directory: Path, args: argparse.Namespace) -> float:
     """Peak resident memory of loading + one generate() in a fresh process (CPU)."""
     command = [sys.executable, __file__, "--peak-rss", system, "--checkpoint", str(directory), "--dtype", args.dtype,
-               "--device", args.device, "--attention", args.attention, "--prompt", str(args.prompt),
-               "--new", str(args.new)]
+               "--device", args.device, "--prompt", str(args.prompt), "--new", str(args.new)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -150,10 +152,23 @@ def run_peak_rss(args: argparse.Namespace) -> None:
     if args.peak_rss == "transformers":
         model = transformers.OPTForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
     else:
-        model = optkit.from_pretrained(args.checkpoint, dtype=dtype, device=args.device, attention=args.attention)
+        attention, linear, variant_dtype = args.peak_rss.removeprefix("optkit ").split("/")
+        model = optkit.from_pretrained(args.checkpoint, dtype=getattr(torch, variant_dtype), device=args.device,
+                                       attention=attention, linear=linear)
     ids, mask = prompts(1, args.prompt, 50272, args.device)
     generate(args.peak_rss, model, ids, mask, args.new)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_of_this_process_mib())
+
+
+def peak_rss_of_this_process_mib() -> float:
+    """VmHWM: unlike ru_maxrss, it starts afresh at exec (ru_maxrss keeps the forking parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def svg_plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
@@ -190,7 +205,8 @@ def main() -> None:
     parser.add_argument("--shape", default="opt-125m", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--variants", nargs="+", default=["sdpa/torch/float32"],
+                        help="optkit models to compare, each attention/linear/dtype (e.g. sdpa/onednn/bfloat16)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
@@ -201,7 +217,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS in fresh processes (CPU)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true", help="write docs/performance/*.md and the plot")
-    parser.add_argument("--peak-rss", choices=["transformers", "optkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-rss", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_rss:
@@ -213,15 +229,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         make_checkpoint(args.shape, directory)
-        hf, ours = load_pair(directory, dtype, args.device, args.attention)
-        systems = {"transformers": hf, "optkit": ours}
+        systems = load_systems(directory, dtype, args.device, args.variants)
+        ours = next(model for name, model in systems.items() if name != "transformers")
+        elements = {name: next(model.parameters()).element_size() for name, model in systems.items()}
         ids, mask = prompts(1, 32, 50272, args.device)
-        same = torch.equal(generate("transformers", hf, ids, mask, 16), generate("optkit", ours, ids, mask, 16))
+        reference = generate("transformers", systems["transformers"], ids, mask, 16)
+        same = {name: torch.equal(generate(name, model, ids, mask, 16), reference)
+                for name, model in systems.items() if name != "transformers"}
         results: list[Result] = []
         for batch in args.batch:
             ids, mask = prompts(batch, args.prompt, 50272, args.device)
             results += measure(systems, ids, mask, args.new, args.reps, args.device, f"{args.prompt}+{args.new}")
-        curve: dict[str, list[tuple[int, float]]] = {"transformers": [], "optkit": []}
+        curve: dict[str, list[tuple[int, float]]] = {name: [] for name in systems}
         for context in args.contexts if args.long else []:
             ids, mask = prompts(1, context, 50272, args.device)
             reps = max(3, args.reps // 2)
@@ -232,14 +251,14 @@ def main() -> None:
         if args.memory and args.device == "cpu":
             for name in systems:
                 memory[name] = peak_rss_mib(name, directory, args)
-    report = render(args, results, bandwidth, ours, same, memory)
+    report = render(args, results, bandwidth, ours, same, memory, elements)
     print(report)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.write_docs:
         docs = ROOT / "docs"
         stem = f"performance-{args.shape}-{args.dtype}-{args.device.split(':')[0]}"
-        if curve["optkit"]:
+        if any(curve.values()):
             svg_plot(curve, docs / f"{stem}.svg", f"{args.shape} {args.dtype} on {args.device}: decode tokens/s")
         (docs / "performance").mkdir(exist_ok=True)
         (docs / "performance" / f"{stem}.md").write_text(report)
@@ -258,17 +277,18 @@ def machine() -> str:
     return f"{cpu}; {torch.get_num_threads()} torch threads; GPU: {gpu}"
 
 
-def render(args, results: list[Result], bandwidth: float, ours, same: bool, memory: dict) -> str:
+def render(args, results: list[Result], bandwidth: float, ours, same: dict, memory: dict, elements: dict) -> str:
     import transformers
 
-    lines = [f"### {args.shape}, {args.dtype}, {args.device}, attention={args.attention}", "",
+    lines = [f"### {args.shape} on {args.device}: transformers {args.dtype} vs optkit {', '.join(args.variants)}", "",
              f"- machine: {machine()}",
              f"- versions: optkit {optkit.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
              f"python {platform.python_version()}",
              f"- measured read bandwidth (torch sum over 1 GiB): {bandwidth:.1f} GB/s",
-             f"- greedy tokens identical to transformers (16 tokens, batch 1): {same}",
+             "- greedy tokens identical to transformers (16 tokens, batch 1): "
+             + ", ".join(f"{name}: {equal}" for name, equal in same.items()),
              f"- {args.reps} alternating repetitions per workload; medians, [min–max] in brackets", "",
-             "| workload | batch | system | time to first token (ms) | decode tok/s | optkit / transformers | bytes/token (MB) | effective GB/s | % of bandwidth |",
+             "| workload | batch | system | time to first token (ms) | decode tok/s | vs transformers | bytes/token (MB) | effective GB/s | % of bandwidth |",
              "|---|---|---|---|---|---|---|---|---|"]
     by_key: dict[tuple[str, int], dict[str, Result]] = {}
     for r in results:
@@ -276,9 +296,9 @@ def render(args, results: list[Result], bandwidth: float, ours, same: bool, memo
     for (workload, batch), pair in by_key.items():
         for name, r in pair.items():
             context = r.prompt + r.new // 2
-            per_token = bytes_per_token(ours, context, batch) / batch
+            per_token = bytes_per_token(ours, context, batch, elements[name]) / batch
             effective = per_token * r.decode_median / 1e9
-            ratio = r.decode_median / pair["transformers"].decode_median if name == "optkit" else 1.0
+            ratio = r.decode_median / pair["transformers"].decode_median
             lines.append(
                 f"| {workload} | {batch} | {name} | {r.ttft_median * 1e3:.1f} [{min(r.ttft_s) * 1e3:.1f}–{max(r.ttft_s) * 1e3:.1f}] "
                 f"| {r.decode_median:.1f} [{min(r.decode_tok_s):.1f}–{max(r.decode_tok_s):.1f}] | {ratio:.2f}x "
