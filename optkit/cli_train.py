@@ -42,18 +42,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Build the spec, train, and print where the model is and how well it does."""
+    """Build the spec, train, and print where the model is and how well it does.
+
+    Bad settings and unreadable data are one line on stderr and exit status 2, like optkit's own errors.
+    """
+    import sys
+
     import torch
 
     from optkit.training import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = train(args.spec, args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
-                   seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                   eval_every=args.eval_every, eval_fraction=args.eval_fraction, seed=args.seed,
-                   grad_clip=args.grad_clip, gradient_checkpointing=args.gradient_checkpointing,
-                   resume=not args.no_resume, tokenizer=args.tokenizer, eval_corpus=args.eval_data)
+    try:
+        result = train(args.spec, args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
+                       weight_decay=args.weight_decay, eval_every=args.eval_every, eval_fraction=args.eval_fraction,
+                       seed=args.seed, grad_clip=args.grad_clip, gradient_checkpointing=args.gradient_checkpointing,
+                       resume=not args.no_resume, tokenizer=args.tokenizer, eval_corpus=args.eval_data)
+    except (OSError, ValueError) as exc:  # OptkitError subclasses go to optkit.cli's handler
+        from optkit.errors import OptkitError
+
+        if isinstance(exc, OptkitError):
+            raise
+        print(f"optkit train: error: {exc}", file=sys.stderr)
+        return 2
     ppl = f"{result.final_perplexity:.3f}" if result.final_perplexity is not None else "n/a (no held-out data)"
     print(f"done: step {result.step}, held-out perplexity {ppl}; model in {result.out_dir}")
     return 0
