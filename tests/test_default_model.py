@@ -130,3 +130,17 @@ def test_transformers_reads_the_bundled_files_and_agrees(tokenizer):
                                          do_sample=False, pad_token_id=hf_tokenizer.pad_token_id)
             torch.testing.assert_close(ours(hf_ids).logits, hf_model(hf_ids).logits, rtol=1e-4, atol=1e-4)
         assert greedy(ours, hf_ids).tolist() == expected.tolist(), prompt
+
+
+INT8_MARGIN = 1.10  # LLM.int8 may cost a little perplexity; stated margin over the fp32 bound
+
+
+@pytest.mark.skipif(bool(optkit.registry.get("linear", "int8").unavailable_reasons("cpu", torch.float32)),
+                    reason="bitsandbytes int8 cannot run on this machine")
+def test_int8_heldout_perplexity_within_margin(tokenizer):
+    model = optkit.from_pretrained(MODEL_DIR, linear="int8", dtype=torch.float32)
+    assert type(model.decoder.layers[0].self_attn.q_proj).__name__ != "Linear"  # really quantized
+    text = (MODEL_DIR / "heldout.txt").read_text(encoding="utf-8")
+    windows = eval_windows(torch.tensor(tokenizer.encode(text)), seq_len=HELDOUT_WINDOW, max_windows=1000)
+    measured = perplexity(model, windows)
+    assert measured < HELDOUT_BOUND * INT8_MARGIN, f"int8: perplexity {measured:.3f}"
