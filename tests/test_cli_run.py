@@ -10,22 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_pipeline import make_text_model_dir
 
 from optkit.cli import main
 from optkit.pipelines import pipeline
 
 PIPELINE_MODULE = importlib.import_module("optkit.pipelines")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a loaded 2-core machine: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,6 @@ PAD = 1
 PROMPT = 7  # padded prompt length of hf_oracle.batch(..., length=PROMPT)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a loaded 2-core machine: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory):
     """seed -> (transformers model, optkit model) with identical weights."""

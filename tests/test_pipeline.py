@@ -28,15 +28,6 @@ def make_text_model_dir(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a loaded 2-core machine: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_text_model_dir(tmp_path_factory.mktemp("text_model"))

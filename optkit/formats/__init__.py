@@ -49,6 +49,19 @@ class CheckpointFormat:
 FORMATS: dict[str, CheckpointFormat] = {}
 
 
+def with_head_and_dtype(config: dict[str, Any], spec: ModelSpec, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The config fields every family shares: classification labels and the weights' dtype."""
+    if spec.head.name == "sequence_classification":
+        labels = spec.head.params.get("num_labels", 2)
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+        if spec.head.params.get("problem_type"):
+            config["problem_type"] = spec.head.params["problem_type"]
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return config
+
+
 def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
     FORMATS[fmt.model_type] = fmt
     return fmt

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from optkit.errors import SpecValidationError
-from optkit.formats import CheckpointFormat, register_format
+from optkit.formats import CheckpointFormat, register_format, with_head_and_dtype
 from optkit.spec import ModelSpec, validate_spec
 
 MODEL_TYPE = "open-llama"
@@ -194,15 +194,7 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype | None = None) -> dict[
         "shared_input_output_embedding": bool(tied),
         **_rope_fields(spec),
     }
-    if spec.head.name == "sequence_classification":
-        labels = spec.head.params.get("num_labels", 2)
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-        config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-        if spec.head.params.get("problem_type"):
-            config["problem_type"] = spec.head.params["problem_type"]
-    if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return config
+    return with_head_and_dtype(config, spec, dtype)
 
 
 OPEN_LLAMA = register_format(CheckpointFormat(
