@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -118,11 +119,16 @@ def weight_files(directory: Path) -> list[Path]:
                           f"{PICKLE_INDEX}; found {found}")
 
 
-def read_state_dict(files: Iterable[Path]) -> dict[str, Tensor]:
+def read_state_dict(files: Iterable[Path], *, progress: bool = False) -> dict[str, Tensor]:
+    """All tensors of the weight files; ``progress`` reports each file on stderr (for terminals)."""
     from safetensors.torch import load_file
 
+    files = list(files)
     state: dict[str, Tensor] = {}
-    for file in files:
+    for number, file in enumerate(files, 1):
+        if progress:
+            end = "\n" if number == len(files) else ""
+            print(f"\roptkit: reading weights {number}/{len(files)} ({file.name})", end=end, file=sys.stderr, flush=True)
         if file.suffix == ".safetensors":
             state.update(load_file(str(file)))
         else:  # never unpickle arbitrary objects
@@ -213,11 +219,12 @@ def _fresh_head_state(model: Any, device: torch.device, dtype: torch.dtype) -> d
 def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", attention: Any = None,
                     linear: Any = None, kv_cache: Any = None, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, num_labels: int | None = None,
-                    revision: str | None = None, local_files_only: bool | None = None) -> Any:
+                    revision: str | None = None, local_files_only: bool | None = None,
+                    progress: bool | None = None) -> Any:
     """Load an OPT checkpoint (directory or Hub id) into an optkit model.
 
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
-    checkpoint's ``torch_dtype``.
+    checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
     """
     from optkit.builder import build
 
@@ -232,7 +239,7 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
         dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
-    raw = read_state_dict(weight_files(directory))
+    raw = read_state_dict(weight_files(directory), progress=sys.stderr.isatty() if progress is None else progress)
     model = build(spec, dtype=dtype, device="meta", target_device=device)
     load_weights(model, raw, device=device, dtype=dtype, source=str(path_or_id))
     return model.eval()

@@ -227,3 +227,16 @@ def test_input_errors(tmp_path):
         model()
     with pytest.raises(InputError, match="cannot return attention weights; switch with optkit.set_backend"):
         optkit.build("opt-tiny", attention="sdpa")(torch.tensor([[5, 6]]), output_attentions=True)
+
+
+def test_progress_reports_each_weight_file(tmp_path, capsys):
+    model = optkit.build("opt-tiny")
+    from optkit.checkpoints import save_pretrained
+
+    save_pretrained(model, tmp_path / "s", max_shard_bytes=100_000)
+    optkit.from_pretrained(tmp_path / "s", progress=True)
+    err = capsys.readouterr().err
+    shards = len(set(json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert err.count("optkit: reading weights") == shards and f"{shards}/{shards}" in err
+    optkit.from_pretrained(tmp_path / "s", progress=False)
+    assert capsys.readouterr().err == ""
