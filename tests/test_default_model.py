@@ -24,13 +24,12 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),
 NEW_TOKENS = 24
 # Greedy continuations produced once by the trained model (decoded new tokens, special tokens skipped).
 GOLDEN = {
-    "def fibonacci(n):": '\n    """\n    """\n    """\n    if not isinstance(x, "r\' in _get_name, "r',
-    "    def __init__(self": (', **kwargs):\n        """Return a list of the list of the list of the\n'
-                             '        """\n        return self.\n\n       '),
-    'class Stack:\n    """': '\n    """\n    """\n    """\n    return _get_name = _get_name = _get_name\n    if',
+    'def fibonacci(n):': '\n    """Return a new path of the path.\n\n    If the path is a path is a path, the path,',
+    '    def __init__(self': ", b, b, b, b, b, b, b):\n        b = b'\n        b' b",
+    'class Stack:\n    """': '\n    def __init__(self, *args, **kwargs):\n        """\n        """\n        return self.tk.call',
 }
 HELDOUT_WINDOW = 256
-HELDOUT_PERPLEXITY = 130.751  # measured on heldout.txt (8 windows) when the model was bundled
+HELDOUT_PERPLEXITY = 83.207  # measured on heldout.txt (8 windows) when the model was bundled
 HELDOUT_BOUND = HELDOUT_PERPLEXITY * 1.05
 
 
