@@ -5,6 +5,12 @@ at real OPT shapes), warm up, then alternate A/B/A/B; medians and spread are rep
 with a memory bandwidth measured in the same run.
 
     python benchmarks/bench_generate.py --shape opt-125m --dtype float32 --batch 1 8 --write-docs
+    python benchmarks/bench_generate.py --device cuda --shape opt-125m --dtype float16 \
+        --variants sdpa/torch/float16 sdpa/torch/float16/nograph --hf-compiled
+
+An optkit variant is ``attention/linear/dtype``; a fourth field ``nograph`` turns the CUDA-graph
+decode step off. ``--hf-compiled`` adds transformers' best setting (static cache, which makes its
+``generate`` compile the decode step with torch.compile "reduce-overhead" on CUDA).
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ SHAPES = {  # transformers OPTConfig fields of the real checkpoints
     "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
                      word_embed_proj_dim=512, do_layer_norm_before=False),
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+    "opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240),
+    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
 }
+HF_COMPILED = "transformers static+compile"
 
 
 @dataclass
@@ -53,35 +62,45 @@ class Result:
         return statistics.median(self.ttft_s)
 
 
-def memory_bandwidth_gbs(reps: int = 7, gib: float = 1.0) -> float:
-    """Read bandwidth of this machine with torch's threads: the roofline for decoding."""
-    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32)
+def memory_bandwidth_gbs(device: str = "cpu", reps: int = 7, gib: float = 1.0) -> float:
+    """Read bandwidth (a sum over ``gib``, timed): the roofline for decoding."""
+    if device.startswith("cuda"):
+        gib = 4.0  # many times the L2
+    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32, device=device)
     x.sum()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
+    times = [timed(x.sum, device) for _ in range(reps)]
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def make_checkpoint(shape: str, directory: Path) -> None:
+def hf_model(shape: str, dtype: torch.dtype, device: str):
+    """transformers' OPT at a real shape with random weights, created directly on ``device`` in ``dtype``."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.OPTConfig(**SHAPES[shape], torch_dtype="float32")
-    transformers.OPTForCausalLM(config).save_pretrained(directory)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.OPTForCausalLM(transformers.OPTConfig(**SHAPES[shape]))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
 
 
-def load_systems(directory: Path, dtype: torch.dtype, device: str, variants: list[str]) -> dict:
-    """transformers at ``dtype`` plus one optkit model per variant ``attention/linear/dtype``."""
-    import transformers
+def load_systems(shape: str, dtype: torch.dtype, device: str, variants: list[str], hf_compiled: bool) -> dict:
+    """name -> (model, generate keywords): transformers at ``dtype`` and one optkit model per variant.
 
-    systems = {"transformers": transformers.OPTForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()}
+    optkit takes transformers' tensors in memory (shared where device and dtype agree), so both
+    systems run the very same weights.
+    """
+    hf = hf_model(shape, dtype, device)
+    systems = {"transformers": (hf, {})}
+    if hf_compiled:
+        systems[HF_COMPILED] = (hf, {"cache_implementation": "static"})
     for variant in variants:
-        attention, linear, variant_dtype = variant.split("/")
-        systems[f"optkit {variant}"] = optkit.from_pretrained(directory, dtype=getattr(torch, variant_dtype),
-                                                              device=device, attention=attention, linear=linear)
+        attention, linear, variant_dtype, *flags = variant.split("/")
+        model = optkit.from_transformers(hf, dtype=getattr(torch, variant_dtype), attention=attention, linear=linear)
+        systems[f"optkit {variant}"] = (model, {"decode_graph": False} if "nograph" in flags else {})
     return systems
 
 
@@ -95,12 +114,13 @@ def prompts(batch: int, length: int, vocab: int, device: str) -> tuple[torch.Ten
     return ids.masked_fill(mask == 0, 1).to(device), mask.to(device)
 
 
-def generate(system: str, model, ids, mask, new: int) -> torch.Tensor:
+def generate(system: str, model_and_options, ids, mask, new: int) -> torch.Tensor:
     """Greedy, EOS held off by min_new_tokens so both produce exactly ``new`` tokens."""
+    model, options = model_and_options
     if system.startswith("transformers"):
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              pad_token_id=1)
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+                              pad_token_id=1, **options)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **options)
 
 
 def sync(device: str) -> None:
@@ -118,15 +138,37 @@ def timed(fn, device: str) -> float:
 
 def measure(systems: dict, ids, mask, new: int, reps: int, device: str, workload: str) -> list[Result]:
     results = {name: Result(name, workload, ids.shape[0], ids.shape[1], new) for name in systems}
-    for name, model in systems.items():  # warm up both
-        generate(name, model, ids, mask, 2)
+    for name, system in systems.items():  # warm up every shape that is timed (compiles and graph captures)
+        generate(name, system, ids, mask, 1)
+        generate(name, system, ids, mask, new)
     for _ in range(reps):  # A/B/A/B
-        for name, model in systems.items():
-            ttft = timed(lambda: generate(name, model, ids, mask, 1), device)
-            total = timed(lambda: generate(name, model, ids, mask, new), device)
+        for name, system in systems.items():
+            ttft = timed(lambda: generate(name, system, ids, mask, 1), device)
+            total = timed(lambda: generate(name, system, ids, mask, new), device)
             results[name].ttft_s.append(ttft)
             results[name].decode_tok_s.append(ids.shape[0] * (new - 1) / max(total - ttft, 1e-9))
     return list(results.values())
+
+
+def cuda_working_memory_mib(systems: dict, ids, mask, new: int) -> dict[str, float]:
+    """Peak memory one generate() allocates beyond what was already allocated (weights, kept graphs)."""
+    memory = {}
+    for name, system in systems.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        generate(name, system, ids, mask, new)
+        torch.cuda.synchronize()
+        memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return memory
+
+
+def decode_path(model) -> str:
+    """Whether optkit's last decode ran as a captured CUDA graph (see optkit.decode_graph)."""
+    from optkit import decode_graph
+
+    kept = decode_graph._KEPT.get(model)
+    return "CUDA graph" if kept is not None and kept[1].graph is not None else "eager loop"
 
 
 def bytes_per_token(model, context: int, batch: int, element: int) -> float:
@@ -141,6 +183,8 @@ def peak_rss_mib(system: str, directory: Path, args: argparse.Namespace) -> floa
     """Peak resident memory of loading + one generate() in a fresh process (CPU)."""
     command = [sys.executable, __file__, "--peak-rss", system, "--checkpoint", str(directory), "--dtype", args.dtype,
                "--device", args.device, "--prompt", str(args.prompt), "--new", str(args.new)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -149,14 +193,16 @@ def run_peak_rss(args: argparse.Namespace) -> None:
     import transformers
 
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak_rss == "transformers":
         model = transformers.OPTForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
     else:
-        attention, linear, variant_dtype = args.peak_rss.removeprefix("optkit ").split("/")
+        attention, linear, variant_dtype, *_ = args.peak_rss.removeprefix("optkit ").split("/")
         model = optkit.from_pretrained(args.checkpoint, dtype=getattr(torch, variant_dtype), device=args.device,
                                        attention=attention, linear=linear)
     ids, mask = prompts(1, args.prompt, 50272, args.device)
-    generate(args.peak_rss, model, ids, mask, args.new)
+    generate(args.peak_rss, (model, {}), ids, mask, args.new)
     print(peak_rss_of_this_process_mib())
 
 
@@ -206,7 +252,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", default=["sdpa/torch/float32"],
-                        help="optkit models to compare, each attention/linear/dtype (e.g. sdpa/onednn/bfloat16)")
+                        help="optkit models to compare, each attention/linear/dtype[/nograph] (e.g. sdpa/onednn/bfloat16)")
+    parser.add_argument("--hf-compiled", action="store_true",
+                        help="also transformers with a static cache (compiled decode step on CUDA)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
@@ -214,9 +262,11 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 1024, 1900])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS in fresh processes (CPU)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (CPU: RSS of fresh processes)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true", help="write docs/performance/*.md and the plot")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where --write-docs writes")
+    parser.add_argument("--label", default="", help="suffix of the --write-docs file names")
     parser.add_argument("--peak-rss", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,43 +275,48 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    bandwidth = memory_bandwidth_gbs()
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        make_checkpoint(args.shape, directory)
-        systems = load_systems(directory, dtype, args.device, args.variants)
-        ours = next(model for name, model in systems.items() if name != "transformers")
-        elements = {name: next(model.parameters()).element_size() for name, model in systems.items()}
-        ids, mask = prompts(1, 32, 50272, args.device)
-        reference = generate("transformers", systems["transformers"], ids, mask, 16)
-        same = {name: torch.equal(generate(name, model, ids, mask, 16), reference)
-                for name, model in systems.items() if name != "transformers"}
-        results: list[Result] = []
-        for batch in args.batch:
-            ids, mask = prompts(batch, args.prompt, 50272, args.device)
-            results += measure(systems, ids, mask, args.new, args.reps, args.device, f"{args.prompt}+{args.new}")
-        curve: dict[str, list[tuple[int, float]]] = {name: [] for name in systems}
-        for context in args.contexts if args.long else []:
-            ids, mask = prompts(1, context, 50272, args.device)
-            reps = max(3, args.reps // 2)
-            for r in measure(systems, ids, mask, 32, reps, args.device, f"context {context}+32"):
-                results.append(r)
-                curve[r.system].append((context, r.decode_median))
-        memory = {}
-        if args.memory and args.device == "cpu":
-            for name in systems:
-                memory[name] = peak_rss_mib(name, directory, args)
-    report = render(args, results, bandwidth, ours, same, memory, elements)
+    bandwidth = memory_bandwidth_gbs(args.device)
+    systems = load_systems(args.shape, dtype, args.device, args.variants, args.hf_compiled)
+    ours = next(model for name, (model, _) in systems.items() if name.startswith("optkit"))
+    elements = {name: next(model.parameters()).element_size() for name, (model, _) in systems.items()}
+    ids, mask = prompts(1, 32, 50272, args.device)
+    reference = generate("transformers", systems["transformers"], ids, mask, 16)
+    same = {name: torch.equal(generate(name, system, ids, mask, 16), reference)
+            for name, system in systems.items() if name.startswith("optkit")}
+    results: list[Result] = []
+    paths: dict[str, str] = {}
+    for batch in args.batch:
+        ids, mask = prompts(batch, args.prompt, 50272, args.device)
+        results += measure(systems, ids, mask, args.new, args.reps, args.device, f"{args.prompt}+{args.new}")
+        if args.device.startswith("cuda"):
+            paths.update({f"{name}, batch {batch}": decode_path(model) for name, (model, _) in systems.items()
+                          if name.startswith("optkit")})
+    curve: dict[str, list[tuple[int, float]]] = {name: [] for name in systems if name != HF_COMPILED}
+    for context in args.contexts if args.long else []:
+        ids, mask = prompts(1, context, 50272, args.device)
+        reps = max(3, args.reps // 2)
+        uncompiled = {name: system for name, system in systems.items() if name != HF_COMPILED}  # one compile per length
+        for r in measure(uncompiled, ids, mask, 32, reps, args.device, f"context {context}+32"):
+            results.append(r)
+            curve[r.system].append((context, r.decode_median))
+    memory = {}
+    if args.memory and args.device.startswith("cuda"):
+        ids, mask = prompts(1, args.prompt, 50272, args.device)
+        memory = cuda_working_memory_mib(systems, ids, mask, args.new)
+    elif args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            systems["transformers"][0].save_pretrained(tmp)
+            memory = {name: peak_rss_mib(name, Path(tmp), args) for name in systems if name != HF_COMPILED}
+    report = render(args, results, bandwidth, ours, same, memory, elements, paths)
     print(report)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.write_docs:
-        docs = ROOT / "docs"
-        stem = f"performance-{args.shape}-{args.dtype}-{args.device.split(':')[0]}"
+        stem = f"performance-{args.shape}-{args.dtype}-{args.device.split(':')[0]}{args.label}"
+        (args.out / "performance").mkdir(parents=True, exist_ok=True)
         if any(curve.values()):
-            svg_plot(curve, docs / f"{stem}.svg", f"{args.shape} {args.dtype} on {args.device}: decode tokens/s")
-        (docs / "performance").mkdir(exist_ok=True)
-        (docs / "performance" / f"{stem}.md").write_text(report)
+            svg_plot(curve, args.out / f"{stem}.svg", f"{args.shape} {args.dtype} on {args.device}: decode tokens/s")
+        (args.out / "performance" / f"{stem}.md").write_text(report)
 
 
 def machine() -> str:
@@ -277,14 +332,16 @@ def machine() -> str:
     return f"{cpu}; {torch.get_num_threads()} torch threads; GPU: {gpu}"
 
 
-def render(args, results: list[Result], bandwidth: float, ours, same: dict, memory: dict, elements: dict) -> str:
+def render(args, results: list[Result], bandwidth: float, ours, same: dict, memory: dict, elements: dict,
+           paths: dict) -> str:
     import transformers
 
     lines = [f"### {args.shape} on {args.device}: transformers {args.dtype} vs optkit {', '.join(args.variants)}", "",
              f"- machine: {machine()}",
              f"- versions: optkit {optkit.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
              f"python {platform.python_version()}",
-             f"- measured read bandwidth (torch sum over 1 GiB): {bandwidth:.1f} GB/s",
+             f"- measured read bandwidth (torch sum over {'4' if args.device.startswith('cuda') else '1'} GiB): "
+             f"{bandwidth:.1f} GB/s",
              "- greedy tokens identical to transformers (16 tokens, batch 1): "
              + ", ".join(f"{name}: {equal}" for name, equal in same.items()),
              f"- {args.reps} alternating repetitions per workload; medians, [min–max] in brackets", "",
@@ -303,8 +360,12 @@ def render(args, results: list[Result], bandwidth: float, ours, same: dict, memo
                 f"| {workload} | {batch} | {name} | {r.ttft_median * 1e3:.1f} [{min(r.ttft_s) * 1e3:.1f}–{max(r.ttft_s) * 1e3:.1f}] "
                 f"| {r.decode_median:.1f} [{min(r.decode_tok_s):.1f}–{max(r.decode_tok_s):.1f}] | {ratio:.2f}x "
                 f"| {per_token / 1e6:.0f} | {effective:.1f} | {100 * effective / bandwidth:.0f}% |")
+    if paths:
+        lines += ["", "optkit decode path: " + ", ".join(f"{k}: {v}" for k, v in paths.items())]
     if memory:
-        lines += ["", "Peak resident memory of one generate() in a fresh process: "
+        what = ("Peak GPU memory one generate() allocated beyond the resident weights"
+                if args.device.startswith("cuda") else "Peak resident memory of one generate() in a fresh process")
+        lines += ["", f"{what} ({args.prompt}+{args.new}, batch 1): "
                   + ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.items())]
     return "\n".join(lines) + "\n"
 

@@ -32,6 +32,7 @@ _LAZY = {
     "build": "optkit.builder",
     "set_backend": "optkit.builder",
     "from_pretrained": "optkit.checkpoints",
+    "from_transformers": "optkit.checkpoints",
     "save_pretrained": "optkit.checkpoints",
     "Model": "optkit.model",
     "ModelOutput": "optkit.outputs",
@@ -56,5 +57,5 @@ __all__ = [
     "AttentionMask", "BackendUnavailableError", "Capabilities", "CheckpointError", "CheckpointNotFoundError",
     "DuplicateComponentError", "InputError", "Model", "ModelOutput", "ModelSpec", "OptkitError",
     "PluginLoadError", "PluginLoadWarning", "Registry", "SpecValidationError", "UnknownComponentError",
-    "build", "from_pretrained", "hookimpl", "load_spec", "registry", "save_pretrained", "set_backend",
+    "build", "from_pretrained", "from_transformers", "hookimpl", "load_spec", "registry", "save_pretrained", "set_backend",
 ]

@@ -226,22 +226,42 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
     checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
     """
-    from optkit.builder import build
-
     directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
-    spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
     if dtype == "auto":
         dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
-    dtype = dtype or torch.float32
-    device = torch.device(device or "cpu")
     raw = read_state_dict(weight_files(directory), progress=sys.stderr.isatty() if progress is None else progress)
+    return _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
+                     dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
+
+
+def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,
+                      kv_cache: Any = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                      num_labels: int | None = None) -> Any:
+    """An optkit model from a loaded transformers OPT/Open-Llama model, without a round trip to disk.
+
+    Tensors that already have the wanted device and dtype (by default the transformers model's) are
+    shared, not copied: both models then read the same memory, so later in-place changes show in both.
+    """
+    name = type(hf_model).__name__
+    spec = spec_from_hf_config(hf_model.config.to_dict(), head=head, num_labels=num_labels, source=f"{name}.config")
+    parameter = next(hf_model.parameters())
+    return _assemble(spec, hf_model.state_dict(), source=name, attention=attention, linear=linear,
+                     kv_cache=kv_cache, dtype=dtype or parameter.dtype, device=torch.device(device or parameter.device))
+
+
+def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention: Any, linear: Any, kv_cache: Any,
+              dtype: torch.dtype, device: torch.device) -> Any:
+    """Model built on "meta" with the chosen components, then the checkpoint's tensors put in place."""
+    from optkit.builder import build
+
+    spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
     model = build(spec, dtype=dtype, device="meta", target_device=device)
-    load_weights(model, raw, device=device, dtype=dtype, source=str(path_or_id))
+    load_weights(model, raw, device=device, dtype=dtype, source=source)
     return model.eval()
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from optkit.decode_graph import decode_step, unsupported_reason
 from optkit.errors import InputError
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Settings:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
     cache_implementation: str | None = "static"  # preallocated, written in place: no copy per step
+    decode_graph: bool = False  # decode through optkit.decode_graph (a captured CUDA graph on CUDA)
 
 
 # -- logits processors: small functions, composed in transformers' order -------------------------
@@ -296,23 +298,34 @@ def _pick(scores: Tensor, do_sample: bool, generator: torch.Generator | None) ->
 
 def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
                       generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
-    cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
+    step = None
+    if s.decode_graph and s.max_length > ids.shape[1] + 1:
+        step = decode_step(model, ids.shape[0], s.max_length, s.cache_implementation)
+        cache = step.cache
+    else:
+        cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     padded = not bool(mask.all())
     logits = _forward_last(model, ids, mask if padded else None, cache)
+    if step is not None:
+        step.start(mask)
     while True:
         token = _pick(apply_processors(processors, ids, logits), s.do_sample, generator)
         if len(eos):
             token = torch.where(unfinished, token, s.pad_token_id)
             unfinished &= ~torch.isin(token, eos)
         ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if step is None and padded:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if streamer is not None:
             streamer.put(token.cpu())
         if ids.shape[1] >= s.max_length or not bool(unfinished.any()):
             return ids
-        logits = _forward_last(model, token[:, None], mask if padded else None, cache)
+        if step is not None:
+            logits = step(token)
+        else:
+            logits = _forward_last(model, token[:, None], mask if padded else None, cache)
 
 
 @dataclass
@@ -461,6 +474,16 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, max_new_tokens:
                     pad_token_id=pad)
 
 
+def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind: str | None) -> bool:
+    if wanted is False:
+        return False
+    why_not = "beam search reorders the cache between steps" if s.num_beams > 1 else None
+    why_not = why_not or unsupported_reason(model, cache_kind)
+    if wanted and why_not:
+        raise InputError(f"decode_graph=True: {why_not}; pass decode_graph=None to fall back to the plain loop")
+    return why_not is None and (wanted or model.device.type == "cuda")
+
+
 def _default_mask(ids: Tensor, s: Settings) -> Tensor:
     """transformers' inference: mask pad tokens when the prompt has some and pad is not an EOS id."""
     pad = s.pad_token_id
@@ -477,7 +500,7 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
              num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, streamer: Streamer | None = None,
-             cache_implementation: str | None = "static") -> Tensor:
+             cache_implementation: str | None = "static", decode_graph: bool | None = None) -> Tensor:
     """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
 
     Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
@@ -489,11 +512,16 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     the model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
     ``cache_implementation``: a registered kv_cache ("static": preallocated for exactly the needed
     length and written in place; "dynamic": grows by concatenation; None: the spec's choice).
+    ``decode_graph``: run each decode step as one replay of a captured CUDA graph (see
+    optkit.decode_graph). None: on CUDA whenever the model's components declare they allow it (else
+    the plain loop, same tokens); True: insist (an InputError says why not; on CPU the same step runs
+    without a graph); False: never.
     """
     s = _settings(model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
                   temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_beams,
                   num_return_sequences, length_penalty, early_stopping, eos_token_id, pad_token_id, streamer)
-    s = dataclasses.replace(s, cache_implementation=cache_implementation)
+    s = dataclasses.replace(s, cache_implementation=cache_implementation,
+                            decode_graph=_use_decode_graph(model, decode_graph, s, cache_implementation))
     ids = input_ids.to(device=model.device, dtype=torch.long)
     mask = _default_mask(ids, s) if attention_mask is None else attention_mask.to(device=model.device,
                                                                                    dtype=torch.long)

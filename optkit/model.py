@@ -7,6 +7,7 @@ never changes when a backend is swapped.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scaling = head_dim**-0.5
         self.query_scaling = query_scaling
+        # OPT scales q after its projection. When the scale is a power of two (head_dim 64, 256, ...)
+        # handing it to the kernel instead is bit-identical and saves one pass over q per layer.
+        self.scale_in_kernel = query_scaling != "projection" or math.frexp(self.scaling)[0] == 0.5
         self.dropout = dropout
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -50,10 +54,10 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer_idx: int, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         batch, length, _ = x.shape
         query = self.q_proj(x)
-        if self.query_scaling == "projection":  # OPT: after q_proj (bias included), before q k^T
-            query, kernel_scale = query * self.scaling, 1.0
-        else:
+        if self.scale_in_kernel:
             kernel_scale = self.scaling
+        else:  # OPT: after q_proj (bias included), before q k^T
+            query, kernel_scale = query * self.scaling, 1.0
         query, key, value = self._heads(query), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         query, key = positional.rotate(query, key, position_ids)
         if cache is not None:
@@ -118,7 +122,7 @@ class Decoder(nn.Module):
 
     def forward(self, *, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
                 position_ids: Tensor | None, cache: KVCache | None, output_hidden_states: bool,
-                output_attentions: bool) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+                output_attentions: bool, attention: AttentionMask | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else self.embed_tokens.embed_inputs(inputs_embeds)
         batch, length = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
@@ -129,7 +133,8 @@ class Decoder(nn.Module):
         additive = self.embed_positions.additive(position_ids)
         if additive is not None:
             x = x + additive.to(x.dtype)
-        mask = self._mask(attention_mask, batch, length, past, cache)
+        # ``attention``: a mask kept in device buffers by the CUDA-graph decode path (optkit.decode_graph)
+        mask = attention if attention is not None else self._mask(attention_mask, batch, length, past, cache)
 
         hidden_states: list[Tensor] = []
         attentions: list[Tensor] = []

@@ -47,6 +47,9 @@ class Capabilities(BaseModel):
     dropout: bool = True
     attention_weights: bool = False
     backward: bool = True
+    # No host synchronisation and no per-step Python values baked into kernels: a decode step through
+    # this component can be captured once as a CUDA graph and replayed (optkit.decode_graph).
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)

@@ -240,3 +240,19 @@ def test_progress_reports_each_weight_file(tmp_path, capsys):
     assert err.count("optkit: reading weights") == shards and f"{shards}/{shards}" in err
     optkit.from_pretrained(tmp_path / "s", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_from_transformers_shares_weights_and_computes_the_same_logits():
+    hf = hf_model(seed=4)
+    model = optkit.from_transformers(hf, attention="sdpa")
+    ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((hf(ids).logits - model(ids).logits).abs().max()) <= 1e-5
+    q_hf, q_ok = hf.model.decoder.layers[0].self_attn.q_proj.weight, model.decoder.layers[0].self_attn.q_proj.weight
+    assert q_ok.data_ptr() == q_hf.data_ptr()  # same device and dtype: shared, not copied
+    half = optkit.from_transformers(hf, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and q_hf.dtype == torch.float32
+    with pytest.raises(optkit.CheckpointError, match="missing"):
+        broken = hf_model(seed=4)
+        del broken.model.decoder.layers[0].self_attn.k_proj
+        optkit.from_transformers(broken)

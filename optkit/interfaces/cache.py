@@ -33,6 +33,15 @@ class KVCache(ABC):
         """Capacity in tokens, or None when the cache grows without bound."""
         return None
 
+    def follow(self, slot: Tensor | None) -> None:
+        """Write new tokens at the device index ``slot`` (a 1-element long tensor) instead of a Python offset.
+
+        The CUDA-graph decode path keeps the write position on the device so a captured step stays
+        right on replay; None goes back to Python offsets. Only caches that declare
+        ``cuda_graphs`` need it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot write at a device-side position")
+
     def reorder(self, beam_idx: Tensor) -> None:
         """Select batch rows (beam search)."""
         raise NotImplementedError(f"{type(self).__name__} cannot reorder its batch")

@@ -32,6 +32,7 @@ class AttentionMask:
     q_offset: int = 0
     key_padding: Tensor | None = None
     causal: bool = True
+    every_query_sees_a_key: bool = False  # a promise (decode steps): skips a check that syncs with the device
 
     def __post_init__(self) -> None:
         if self.key_padding is not None:
@@ -90,7 +91,7 @@ class AttentionMask:
 
     @cached_property
     def has_empty_rows(self) -> bool:
-        if self.key_padding is None:
+        if self.key_padding is None or self.every_query_sees_a_key:
             return False  # causal rows always see at least their own key
         return not bool(self.query_has_keys.all())
 

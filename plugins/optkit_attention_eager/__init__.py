@@ -43,5 +43,5 @@ def eager(params, ctx) -> EagerAttention:
 
 @optkit.hookimpl
 def optkit_register(registry) -> None:
-    registry.register("attention", "eager", eager, capabilities=Capabilities(attention_weights=True),
+    registry.register("attention", "eager", eager, capabilities=Capabilities(attention_weights=True, cuda_graphs=True),
                       description="reference: explicit softmax(q k^T) v in fp32; returns attention weights")

@@ -46,5 +46,5 @@ def sdpa(params, ctx) -> SDPAttention:
 
 @optkit.hookimpl
 def optkit_register(registry) -> None:
-    registry.register("attention", "sdpa", sdpa, capabilities=Capabilities(attention_weights=False),
+    registry.register("attention", "sdpa", sdpa, capabilities=Capabilities(attention_weights=False, cuda_graphs=True),
                       description="torch.nn.functional.scaled_dot_product_attention")

@@ -7,20 +7,25 @@ module tree are the ones OPT uses. Registered through the ``optkit`` entry-point
 from __future__ import annotations
 
 import optkit
+from optkit.registry import Capabilities
 
 from . import embeddings, mlp, norms, rotary
 
 OPTKIT_PLUGIN_API = 1
+GRAPH_SAFE = Capabilities(cuda_graphs=True)  # no host syncs: decode steps can be CUDA-graph captured
 
 
 @optkit.hookimpl
 def optkit_register(registry) -> None:
     registry.register("norm", "rmsnorm", norms.rmsnorm, params=norms.RMSNormParams,
+                      capabilities=GRAPH_SAFE,
                       description="RMSNorm in fp32, cast back before the weight (LLaMA, Open-Llama)")
     registry.register("positional_embedding", "rotary", rotary.rotary, params=rotary.RotaryParams,
+                      capabilities=GRAPH_SAFE,  # dynamic NTK reads lengths on the host: its capture fails, loop used
                       description="rotary q/k (half-split), scaling none | linear | dynamic NTK")
     registry.register("mlp", "gated", mlp.gated_mlp, params=mlp.GatedMLPParams,
-                      description="down_proj(act(gate_proj(x)) * up_proj(x))")
+                      capabilities=GRAPH_SAFE, description="down_proj(act(gate_proj(x)) * up_proj(x))")
     registry.register("token_embedding", "stable", embeddings.stable_embedding,
                       params=embeddings.StableEmbeddingParams,
+                      capabilities=GRAPH_SAFE,
                       description="lookup table + LayerNorm (Open-Llama V1); tied LM heads reuse its table")

@@ -6,32 +6,34 @@ Registered through the ``optkit`` entry-point group like any third-party plugin.
 from __future__ import annotations
 
 import optkit
+from optkit.registry import Capabilities
 
 from . import caches, embeddings, heads, layers
 
 OPTKIT_PLUGIN_API = 1
+GRAPH_SAFE = Capabilities(cuda_graphs=True)  # no host syncs: decode steps can be CUDA-graph captured
 
 
 @optkit.hookimpl
 def optkit_register(registry) -> None:
     registry.register("token_embedding", "learned", embeddings.token_embedding,
-                      description="lookup table (OPT); tied LM heads reuse its weight")
+                      capabilities=GRAPH_SAFE, description="lookup table (OPT); tied LM heads reuse its weight")
     registry.register("positional_embedding", "learned", embeddings.learned_positions,
                       params=embeddings.LearnedPositionParams,
-                      description="learned absolute positions with OPT's offset of 2")
+                      capabilities=GRAPH_SAFE, description="learned absolute positions with OPT's offset of 2")
     registry.register("norm", "layernorm", layers.layernorm, params=layers.LayerNormParams,
-                      description="torch LayerNorm")
+                      capabilities=GRAPH_SAFE, description="torch LayerNorm")
     registry.register("mlp", "ffn", layers.feed_forward, params=layers.FeedForwardParams,
-                      description="fc2(act(fc1(x)))")
-    registry.register("linear", "torch", layers.torch_linear, description="torch.nn.Linear")
+                      capabilities=GRAPH_SAFE, description="fc2(act(fc1(x)))")
+    registry.register("linear", "torch", layers.torch_linear, capabilities=GRAPH_SAFE, description="torch.nn.Linear")
     registry.register("kv_cache", "dynamic", caches.dynamic_cache, description="grows by concatenation")
     registry.register("kv_cache", "static", caches.static_cache, params=caches.StaticCacheParams,
-                      description="preallocated, updated in place (for CUDA graphs)")
-    registry.register("head", "base", heads.base_head, description="final hidden states")
+                      capabilities=GRAPH_SAFE, description="preallocated, updated in place (for CUDA graphs)")
+    registry.register("head", "base", heads.base_head, capabilities=GRAPH_SAFE, description="final hidden states")
     registry.register("head", "causal_lm", heads.causal_lm_head, params=heads.CausalLMParams,
-                      description="next-token logits, tied to the token embedding")
+                      capabilities=GRAPH_SAFE, description="next-token logits, tied to the token embedding")
     registry.register("head", "sequence_classification", heads.sequence_classification_head,
                       params=heads.SequenceClassificationParams,
-                      description="pools the rightmost non-pad token")
+                      capabilities=GRAPH_SAFE, description="pools the rightmost non-pad token")
     registry.register("head", "question_answering", heads.question_answering_head,
-                      description="start/end logits per position")
+                      capabilities=GRAPH_SAFE, description="start/end logits per position")

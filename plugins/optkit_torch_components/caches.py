@@ -52,6 +52,7 @@ class StaticCache(KVCache):
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * num_layers
         self._max_length = max_length
+        self._slot: Tensor | None = None  # device-side write position (CUDA-graph decoding)
 
     @property
     def max_length(self) -> int:
@@ -63,7 +64,15 @@ class StaticCache(KVCache):
     def attended_length(self, new_tokens: int) -> int:
         return self._max_length
 
+    def follow(self, slot: Tensor | None) -> None:
+        self._slot = slot
+
     def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self._slot is not None:  # the caller keeps the position in range (and advances it)
+            index = self._slot if key.shape[-2] == 1 else self._slot + torch.arange(key.shape[-2], device=key.device)
+            self.keys[layer_idx].index_copy_(2, index, key)
+            self.values[layer_idx].index_copy_(2, index, value)
+            return self.keys[layer_idx], self.values[layer_idx]
         start, length = self.lengths[layer_idx], key.shape[-2]
         if start + length > self._max_length:
             raise InputError(f"the KV cache holds {self._max_length} tokens; {start} stored + {length} new "
@@ -80,6 +89,7 @@ class StaticCache(KVCache):
 
     def reset(self) -> None:
         self.lengths = [0] * len(self.lengths)
+        self._slot = None
 
 
 class StaticCacheParams(BaseModel):

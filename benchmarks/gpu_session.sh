@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything optkit checks on a CUDA machine, in one call, most important first: the CUDA-graph
+# decode tests, the benchmarks of issue 5 (opt-125m, opt-6.7b, opt-1.3b, transformers compiled),
+# then the GPU backend tests. Packages the machine lacks travel pre-unpacked in .whl/site.
+# Usage (on the GPU machine, from the repository root): OUT=/some/dir bash benchmarks/gpu_session.sh
+set -u
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/optkit-gpu}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+[ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
+step() { echo; echo "=== $(date +%T) $*"; }
+
+step install
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3 \
+  || python3 -m pip install -q --no-deps --no-index .whl/optkit-*.whl 2>&1 | tail -3
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+python3 -c "import torch, transformers, optkit; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__, 'optkit', optkit.__version__, optkit.registry.names('attention'))"
+
+step smoke: graph vs plain loop on opt-tiny
+timeout 60 python3 - <<'PY'
+import torch, optkit
+from optkit import decode_graph
+m = optkit.build("opt-tiny", device="cuda", attention="sdpa").eval()
+ids = torch.randint(3, 500, (2, 9), device="cuda")
+a = m.generate(ids, max_new_tokens=16, eos_token_id=[])
+b = m.generate(ids, max_new_tokens=16, eos_token_id=[], decode_graph=False)
+kept = decode_graph._KEPT.get(m)
+print("captured:", kept is not None and kept[1].graph is not None, "same tokens:", torch.equal(a, b))
+PY
+
+step CUDA-graph decode tests
+timeout 120 python3 -m pytest tests/test_decode_graph.py -q -rs -p no:cacheprovider 2>&1 | tail -15
+
+B="python3 benchmarks/bench_generate.py --device cuda --dtype float16 --write-docs --out $OUT/docs --memory"
+step opt-125m
+timeout 100 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/nograph --batch 1 8
+step opt-6.7b
+timeout 100 $B --shape opt-6.7b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
+step opt-1.3b
+timeout 70 $B --shape opt-1.3b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
+step transformers static+compile, opt-125m
+timeout 120 $B --shape opt-125m --variants sdpa/torch/float16 --hf-compiled --batch 1 --long 0 --label -compiled
+
+step GPU backend tests
+timeout 150 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -30
+step done
