@@ -28,7 +28,8 @@ def pair(tmp_path_factory):
 
 
 def greedy(model, ids, mask, **kwargs):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[], **kwargs)
+    """NEW tokens, EOS held back (as transformers does with min_new_tokens, so the two stay comparable)."""
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, **kwargs)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -37,8 +38,8 @@ def test_step_path_gives_the_plain_loops_and_transformers_tokens(pair, attention
     hf, model = pair
     optkit.set_backend(model, attention=attention)
     ids, mask = batch(seed, batch_size=3, length=7)  # rows padded by 0 / 2 / 4
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                           min_new_tokens=NEW, pad_token_id=1)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+                           pad_token_id=1)
     assert torch.equal(greedy(model, ids, mask, decode_graph=False), expected)
     assert torch.equal(greedy(model, ids, mask, decode_graph=True), expected)
 

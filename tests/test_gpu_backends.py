@@ -576,6 +576,28 @@ def fake_xformers(monkeypatch):
     return used
 
 
+def test_xformers_that_imports_but_cannot_run_is_unavailable(fake_xformers, monkeypatch):
+    """A wheel built for another torch imports, then refuses every call: that is a reason, not a crash later."""
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+                                  "     query : shape=(1, 2, 1, 64)\n`cutlassF-pt` is not supported because:\n"
+                                  "    xFormers wasn't build with CUDA support")
+
+    monkeypatch.setattr(sys.modules["xformers.ops.fmha"], "memory_efficient_attention", refuse)
+    monkeypatch.setattr(optkit_xformers, "_present", lambda: True)
+    monkeypatch.setattr(optkit_xformers, "cuda_reasons", lambda device, minimum: [])
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: torch.zeros(*shape, dtype=torch.float16))
+    optkit_xformers._import_error.cache_clear()
+    optkit_xformers._run_error.cache_clear()
+    try:
+        reasons = optkit_xformers.unavailable_reasons("cuda", torch.float16)
+    finally:
+        optkit_xformers._run_error.cache_clear()
+        optkit_xformers._import_error.cache_clear()
+    assert len(reasons) == 1 and "cannot run on this GPU with this torch" in reasons[0]
+    assert "NotImplementedError: xFormers wasn't build with CUDA support" in reasons[0]
+
+
 def test_xformers_translates_to_the_real_bias_classes(fake_xformers):
     kernel = XformersAttention(backend=XformersOps())
     padding = torch.tensor([[False, True, True, True], [True, True, False, False]])

@@ -155,6 +155,20 @@ def _import_error() -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def _run_error(device: torch.device) -> str | None:
+    """One tiny attention call: a wheel whose CUDA operators do not load for this torch imports fine but
+    refuses every input (xformers 0.0.35 under torch 2.11: "xFormers wasn't build with CUDA support")."""
+    try:
+        q = torch.randn(1, 2, 1, 64, device=device, dtype=torch.float16)
+        importlib.import_module("xformers.ops.fmha").memory_efficient_attention(q, q, q)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises is the reason
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "build" in line or "built" in line), lines[0] if lines else "")
+        return f"{type(exc).__name__}: {detail}"
+    return None
+
+
 def unavailable_reasons(device: torch.device | str, dtype: torch.dtype) -> list[str]:
     """Why xformers cannot run here; device/dtype support itself is reported by the registry's capabilities."""
     device = torch.device(device)
@@ -164,6 +178,9 @@ def unavailable_reasons(device: torch.device | str, dtype: torch.dtype) -> list[
         error = _import_error()
         if error:
             reasons.append(f"xformers is installed but does not import: {error}")
+        elif error := _run_error(torch.device("cuda", device.index or 0)):
+            reasons.append(f"xformers is installed but cannot run on this GPU with this torch ({error}); "
+                           f"`python -m xformers.info` lists its operators. {INSTALL_HINT}")
     return reasons
 
 
