@@ -8,8 +8,8 @@ with a memory bandwidth measured in the same run.
     python benchmarks/bench_generate.py --device cuda --shape opt-125m --dtype float16 \
         --variants sdpa/torch/float16 sdpa/torch/float16/nograph --hf-compiled
 
-An optkit variant is ``attention/linear/dtype``; a fourth field ``nograph`` turns the CUDA-graph
-decode step off. ``--hf-compiled`` adds transformers' best setting (static cache, which makes its
+An optkit variant is ``attention/linear/dtype``; further fields ``nograph`` (no CUDA-graph decode
+step) and ``nofuse`` (q/k/v stay three GEMMs) turn optimisations off for comparison. ``--hf-compiled`` adds transformers' best setting (static cache, which makes its
 ``generate`` compile the decode step with torch.compile "reduce-overhead" on CUDA).
 """
 
@@ -100,6 +100,8 @@ def load_systems(shape: str, dtype: torch.dtype, device: str, variants: list[str
     for variant in variants:
         attention, linear, variant_dtype, *flags = variant.split("/")
         model = optkit.from_transformers(hf, dtype=getattr(torch, variant_dtype), attention=attention, linear=linear)
+        for layer in model.decoder.layers:
+            layer.self_attn.fusable = "nofuse" not in flags  # keep q/k/v as three GEMMs
         systems[f"optkit {variant}"] = (model, {"decode_graph": False} if "nograph" in flags else {})
     return systems
 

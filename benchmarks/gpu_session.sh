@@ -12,7 +12,7 @@ step() { echo; echo "=== $(date +%T) $*"; }
 
 step install
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3 \
-  || python3 -m pip install -q --no-deps --no-index .whl/optkit-*.whl 2>&1 | tail -3
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, transformers, optkit; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__, 'optkit', optkit.__version__, optkit.registry.names('attention'))"
@@ -30,18 +30,20 @@ print("captured:", kept is not None and kept[1].graph is not None, "same tokens:
 PY
 
 step CUDA-graph decode tests
-timeout 120 python3 -m pytest tests/test_decode_graph.py -q -rs -p no:cacheprovider 2>&1 | tail -15
+timeout 90 python3 -m pytest tests/test_decode_graph.py -q -rs -p no:cacheprovider 2>&1 | tail -15
 
 B="python3 benchmarks/bench_generate.py --device cuda --dtype float16 --write-docs --out $OUT/docs --memory"
 step opt-125m
-timeout 100 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/nograph --batch 1 8
+timeout 110 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/nofuse sdpa/torch/float16/nograph \
+  --batch 1 8
 step opt-6.7b
-timeout 100 $B --shape opt-6.7b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
+timeout 90 $B --shape opt-6.7b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
 step opt-1.3b
-timeout 70 $B --shape opt-1.3b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
+timeout 60 $B --shape opt-1.3b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
 step transformers static+compile, opt-125m
-timeout 120 $B --shape opt-125m --variants sdpa/torch/float16 --hf-compiled --batch 1 --long 0 --label -compiled
-
+timeout 120 $B --shape opt-125m --variants sdpa/torch/float16 --hf-compiled --batch 1 --long 0 --label=-compiled
+step GEMV efficiency per opt-6.7b shape
+timeout 30 python3 benchmarks/gemv_probe.py --device cuda --dtype float16 --hidden 4096 --reps 30
 step GPU backend tests
-timeout 150 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -30
+timeout 90 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -25
 step done

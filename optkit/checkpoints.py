@@ -294,7 +294,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     for key, tensor in model.state_dict().items():
         if tied and key == "head.weight":
             continue
-        tensors[hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)] = tensor.detach().to("cpu").contiguous()
+        tensors[hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)] = _standalone(tensor)
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         _atomic_write(directory / SAFETENSORS, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
@@ -309,6 +309,14 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
         _atomic_write(directory / SAFETENSORS_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
+
+
+def _standalone(tensor: Tensor) -> Tensor:
+    """A CPU tensor owning exactly its data (safetensors refuses views that share storage, e.g. fused q/k/v)."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor.contiguous()
 
 
 def _shard(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:

@@ -296,6 +296,28 @@ def _pick(scores: Tensor, do_sample: bool, generator: torch.Generator | None) ->
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
+class _StopCheck:
+    """Has every row produced EOS? On CUDA the answer is copied to the host while the next step is
+    already queued, so the GPU never idles while Python waits for it (one discarded step at the end);
+    elsewhere it is read at once."""
+
+    def __init__(self, unfinished: Tensor):
+        self.deferred = unfinished.device.type == "cuda"
+        if self.deferred:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(unfinished.any(), non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._any_left = bool(unfinished.any())
+
+    def all_finished(self) -> bool:
+        if self.deferred:
+            self._ready.synchronize()
+            return not bool(self._host)
+        return not self._any_left
+
+
 def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
                       generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
     step = None
@@ -320,12 +342,17 @@ def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, proc
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if streamer is not None:
             streamer.put(token.cpu())
-        if ids.shape[1] >= s.max_length or not bool(unfinished.any()):
+        if ids.shape[1] >= s.max_length:
+            return ids
+        stop = _StopCheck(unfinished) if len(eos) else None
+        if stop is not None and not stop.deferred and stop.all_finished():
             return ids
         if step is not None:
             logits = step(token)
         else:
             logits = _forward_last(model, token[:, None], mask if padded else None, cache)
+        if stop is not None and stop.deferred and stop.all_finished():  # the step just queued is never used
+            return ids
 
 
 @dataclass

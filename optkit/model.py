@@ -45,6 +45,52 @@ class Attention(nn.Module):
         # handing it to the kernel instead is bit-identical and saves one pass over q per layer.
         self.scale_in_kernel = query_scaling != "projection" or math.frexp(self.scaling)[0] == 0.5
         self.dropout = dropout
+        self.fusable = True  # may fuse_projections() lay q/k/v out for one GEMM (set False to keep them apart)
+        self._qkv: tuple[Tensor, Tensor | None] | None = None
+
+    def fuse_projections(self) -> bool:
+        """Move the q/k/v weights (and biases) into one buffer, so inference computes all three in one GEMM.
+
+        The parameters stay the same objects with the same values, now views of that buffer: no
+        extra memory, state_dict unchanged. Only plain ``nn.Linear`` projections qualify. Whatever
+        later replaces a weight's storage (``.to()``, ``load_state_dict(assign=True)``) silently
+        turns fusion off again; in-place updates keep it.
+        """
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        if not self.fusable or not all(type(p) is nn.Linear for p in parts) or \
+                len({p.bias is None for p in parts}) != 1 or len({p.weight.device for p in parts}) != 1:
+            return False
+        if self._fused() is not None:
+            return True
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in parts])
+            bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+            sizes = [p.out_features for p in parts]
+            for part, w, b in zip(parts, weight.split(sizes), bias.split(sizes) if bias is not None else sizes):
+                part.weight.data = w
+                if bias is not None:
+                    part.bias.data = b
+        self._qkv = (weight, bias)
+        return True
+
+    def _fused(self) -> tuple[Tensor, Tensor | None] | None:
+        """The fused weight and bias while the projections still live in them (inference only)."""
+        if self._qkv is None or torch.is_grad_enabled():
+            return None
+        weight, bias = self._qkv
+        for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
+            if part.weight.data_ptr() != weight[offset].data_ptr() or \
+                    (bias is not None and part.bias.data_ptr() != bias[offset:].data_ptr()):
+                self._qkv = None  # the weights moved out: drop the stale buffer
+                return None
+        return self._qkv
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        fused = self._fused()
+        if fused is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        return F.linear(x, *fused).split(sizes, dim=-1)
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -53,12 +99,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, *, mask: AttentionMask, positional: PositionalEmbedding, position_ids: Tensor,
                 cache: KVCache | None, layer_idx: int, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         batch, length, _ = x.shape
-        query = self.q_proj(x)
+        query, key, value = self._project(x)
         if self.scale_in_kernel:
             kernel_scale = self.scaling
         else:  # OPT: after q_proj (bias included), before q k^T
             query, kernel_scale = query * self.scaling, 1.0
-        query, key, value = self._heads(query), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        query, key, value = self._heads(query), self._heads(key), self._heads(value)
         query, key = positional.rotate(query, key, position_ids)
         if cache is not None:
             key, value = cache.update(layer_idx, key, value)

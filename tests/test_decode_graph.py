@@ -158,6 +158,55 @@ def test_fingerprint_changes_when_modules_or_storage_change(pair):
     model.to(torch.float32)
 
 
+def test_fused_projections_compute_the_same_and_stay_invisible(tmp_path):
+    """One buffer for q/k/v: same parameters, same state_dict, same logits; moved weights turn it off."""
+    model = optkit.build("opt-tiny", attention="sdpa").eval()
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    attn = model.decoder.layers[0].self_attn
+    params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias]
+    with torch.no_grad():
+        before = model(ids).logits
+        assert all(layer.self_attn.fuse_projections() for layer in model.decoder.layers)
+        assert attn._fused() is not None
+        after = model(ids).logits
+    assert all(a is b for a, b in zip([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias], params))
+    assert attn.k_proj.weight.data_ptr() == attn._qkv[0][attn.q_proj.out_features].data_ptr()
+    assert float((after - before).abs().max()) <= 1e-6
+    assert torch.equal(model.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6))
+    model.save_pretrained(tmp_path / "fused")  # views that share storage are written as plain tensors
+    with torch.no_grad():
+        assert torch.equal(optkit.from_pretrained(tmp_path / "fused", attention="sdpa")(ids).logits, after)
+        assert attn._fused() is not None
+    with torch.enable_grad():  # training uses the separate projections: gradients reach each parameter
+        model(ids).logits.sum().backward()
+    assert attn.q_proj.weight.grad is not None and attn.v_proj.bias.grad is not None
+    model.to(torch.float64)
+    with torch.no_grad():
+        assert attn._fused() is None and attn._qkv is None
+        assert float((model(ids).logits.float() - before).abs().max()) <= 1e-5
+
+
+def test_projections_that_are_not_plain_linears_are_left_alone():
+    model = optkit.build("opt-tiny").eval()
+    attn = model.decoder.layers[0].self_attn
+    attn.fusable = False
+    assert not attn.fuse_projections() and attn._qkv is None
+    attn.fusable = True
+    attn.k_proj = torch.nn.Sequential(attn.k_proj)
+    assert not attn.fuse_projections()
+
+
+def test_a_mask_converts_once_per_dtype_and_device():
+    padding = torch.tensor([[True, True, False], [True, True, True]])
+    mask = optkit.AttentionMask(batch_size=2, q_len=1, kv_len=3, causal=False, key_padding=padding,
+                                every_query_sees_a_key=True)
+    assert mask.additive(torch.float16) is mask.additive(torch.float16)
+    assert mask.additive(torch.float16)[0, 0, 0, 2] == torch.finfo(torch.float16).min
+    assert not mask.has_empty_rows
+    plain = optkit.AttentionMask(batch_size=1, q_len=1, kv_len=3, q_offset=1)
+    assert plain.allowed("cpu") is plain.allowed() and plain.allowed("meta") is plain.allowed("meta")
+
+
 # == CUDA: the captured graph ==================================================================================
 def cuda_pair(tmp_path, dtype):
     hf, model = saved_pair(tmp_path, seed=3, init_std=0.2)
@@ -188,6 +237,23 @@ def test_cuda_graph_replay_equals_the_plain_loop(tmp_path, dtype):
     optkit.set_backend(model, attention="eager")  # new kernel modules: a new capture
     greedy(model, ids, mask)
     assert decode_graph._KEPT[model][1] is not step
+
+
+@pytest.mark.cuda
+def test_cuda_fused_relu_and_projections_equal_the_plain_modules():
+    model = optkit.build("opt-tiny", attention="sdpa", device="cuda").eval()
+    x = torch.randn(3, 5, model.spec.decoder.hidden_size, device="cuda")
+    mlp = model.decoder.layers[0].mlp
+    with torch.no_grad():
+        fused = mlp(x)
+    with torch.enable_grad():
+        plain = mlp(x)  # autograd on: the separate fc1 + ReLU path
+    assert float((fused - plain).abs().max()) <= 1e-5
+    ids = torch.randint(3, 500, (2, 7), device="cuda")
+    with torch.no_grad():
+        before = model(ids).logits
+        assert all(layer.self_attn.fuse_projections() for layer in model.decoder.layers)
+        assert float((model(ids).logits - before).abs().max()) <= 1e-4
 
 
 @pytest.mark.cuda

@@ -70,7 +70,16 @@ class AttentionMask:
 
     def allowed(self, device: torch.device | str | None = None) -> Tensor:
         """Boolean ``(batch|1, 1, q_len, kv_len)``: True where the query may attend."""
-        return self._allowed if device is None else self._allowed.to(device)
+        if device is None or torch.device(device) == self._allowed.device:
+            return self._allowed
+        device = torch.device(device)
+        if device not in self._moved:  # built on the host (no padding tensor to say where): copy once per mask
+            self._moved[device] = self._allowed.to(device)
+        return self._moved[device]
+
+    @cached_property
+    def _moved(self) -> dict[torch.device, Tensor]:
+        return {}
 
     @cached_property
     def _allowed(self) -> Tensor:
@@ -96,6 +105,15 @@ class AttentionMask:
         return not bool(self.query_has_keys.all())
 
     def additive(self, dtype: torch.dtype) -> Tensor:
-        """Float mask: 0 where allowed, ``finfo(dtype).min`` elsewhere (transformers' eager form)."""
-        zero = torch.zeros((), dtype=dtype, device=self.device)
-        return torch.where(self._allowed, zero, torch.finfo(dtype).min)
+        """Float mask: 0 where allowed, ``finfo(dtype).min`` elsewhere (transformers' eager form).
+
+        Computed once per dtype and shared by all layers (a boolean mask is converted by SDPA in every call).
+        """
+        if dtype not in self._additive:
+            zero = torch.zeros((), dtype=dtype, device=self.device)
+            self._additive[dtype] = torch.where(self._allowed, zero, torch.finfo(dtype).min)
+        return self._additive[dtype]
+
+    @cached_property
+    def _additive(self) -> dict[torch.dtype, Tensor]:
+        return {}

@@ -32,8 +32,11 @@ class SDPAttention(AttentionKernel):
                 query, key, value, dropout_p=dropout_p, scale=scale), None)
         allowed = mask.allowed(query.device)
         if not mask.has_empty_rows:
+            # CUDA converts a boolean mask to an additive one in every call (three kernels per layer);
+            # the additive form is made once per mask. Same numbers: masked scores vanish in both.
+            attn_mask = mask.additive(query.dtype) if query.is_cuda and mask.device == query.device else allowed
             return AttentionResult(F.scaled_dot_product_attention(
-                query, key, value, attn_mask=allowed, dropout_p=dropout_p, scale=scale), None)
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale), None)
         has_keys = mask.query_has_keys.to(query.device)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed | ~has_keys,
                                                 dropout_p=dropout_p, scale=scale)
