@@ -11,7 +11,7 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 step() { echo; echo "=== $(date +%T) $*"; }
 
 step install
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3 \
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, transformers, optkit; print('torch', torch.__version__, 'cuda', torch.version.cuda,
