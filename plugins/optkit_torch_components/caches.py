@@ -41,8 +41,9 @@ class DynamicCache(KVCache):
 class StaticCache(KVCache):
     """Fixed ``(batch, heads, max_length, head_dim)`` buffers per layer, written in place.
 
-    Attention always runs over all ``max_length`` slots; the causal mask (queries sit at
-    the stored length) keeps unwritten slots out.
+    ``update`` returns views of the written prefix, so attention never reads unwritten slots. When it
+    follows a device-side slot (CUDA-graph decoding) it returns all ``max_length`` slots and the
+    caller's mask keeps the unwritten ones out.
     """
 
     def __init__(self, *, batch_size: int, max_length: int, num_layers: int, num_heads: int, head_dim: int,
@@ -62,7 +63,7 @@ class StaticCache(KVCache):
         return self.lengths[layer_idx]
 
     def attended_length(self, new_tokens: int) -> int:
-        return self._max_length
+        return self._max_length if self._slot is not None else self.lengths[0] + new_tokens
 
     def follow(self, slot: Tensor | None) -> None:
         self._slot = slot
@@ -80,7 +81,9 @@ class StaticCache(KVCache):
         self.keys[layer_idx][:, :, start:start + length].copy_(key)
         self.values[layer_idx][:, :, start:start + length].copy_(value)
         self.lengths[layer_idx] = start + length
-        return self.keys[layer_idx], self.values[layer_idx]
+        # The written prefix only (a view): unwritten slots are never read, and an unpadded decode step
+        # needs no mask at all. The device-position mode above returns every slot (a graph's shapes are fixed).
+        return self.keys[layer_idx][:, :, :start + length], self.values[layer_idx][:, :, :start + length]
 
     def reorder(self, beam_idx: Tensor) -> None:
         for buffers in (self.keys, self.values):
