@@ -139,12 +139,9 @@ def decode_step(model: Model, batch_size: int, max_length: int, cache_kind: str 
 
     Capturing costs a few forward passes, so the graph and its cache stay on the model for the next
     ``generate`` call of the same batch size and length; any change of modules or weight storage
-    (``set_backend``, ``.to()``) makes a new one. On CUDA the q/k/v projections are fused first
-    (``Attention.fuse_projections``): one launch instead of three per layer.
+    (``set_backend``, ``.to()``) makes a new one. ``generate`` fuses the q/k/v projections before
+    (``Attention.fuse_projections``), so the fingerprint already sees the fused layout.
     """
-    if model.device.type == "cuda":
-        for layer in model.decoder.layers:  # one GEMM for q, k and v (idempotent; before the fingerprint)
-            layer.self_attn.fuse_projections()
     key = (batch_size, max_length, cache_kind, model.device, model.dtype, _fingerprint(model))
     kept = _KEPT.pop(model, None)  # at most one per model: the old graph's memory is freed first
     if kept is not None and kept[0] == key:

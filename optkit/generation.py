@@ -557,6 +557,9 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     processors = build_processors(s, ids.shape[1], prompt_start=(mask != 0).int().argmax(dim=1))
     if streamer is not None:
         streamer.put(ids.cpu())
+    if not model.training:
+        for layer in model.decoder.layers:  # one GEMM for q, k and v where the linear backend gains from it
+            layer.self_attn.fuse_projections()
     checked, model.check_inputs = model.check_inputs, False  # ids were checked above; new ids are in range
     try:
         if s.num_beams > 1:

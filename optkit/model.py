@@ -46,19 +46,25 @@ class Attention(nn.Module):
         self.scale_in_kernel = query_scaling != "projection" or math.frexp(self.scaling)[0] == 0.5
         self.dropout = dropout
         self.fusable = True  # may fuse_projections() lay q/k/v out for one GEMM (set False to keep them apart)
-        self._qkv: tuple[Tensor, Tensor | None] | None = None
+        self._qkv: tuple[Tensor, Tensor | None, nn.Module] | None = None
 
     def fuse_projections(self) -> bool:
         """Move the q/k/v weights (and biases) into one buffer, so inference computes all three in one GEMM.
 
         The parameters stay the same objects with the same values, now views of that buffer: no
-        extra memory, state_dict unchanged. Only plain ``nn.Linear`` projections qualify. Whatever
-        later replaces a weight's storage (``.to()``, ``load_state_dict(assign=True)``) silently
-        turns fusion off again; in-place updates keep it.
+        extra memory, state_dict unchanged. Qualify: three projections of one class that is either
+        ``nn.Linear`` on a GPU (on a CPU torch's GEMV gains nothing from it) or an ``nn.Linear``
+        subclass that sets ``concatenable = True`` (its ``cls(in, out, bias=...)`` given stacked
+        weights computes stacked outputs, e.g. the oneDNN linear). Whatever later replaces a weight's
+        storage (``.to()``, ``load_state_dict(assign=True)``) silently turns fusion off again;
+        in-place updates keep it.
         """
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        if not self.fusable or not all(type(p) is nn.Linear for p in parts) or \
+        kind = type(parts[0])
+        if not self.fusable or any(type(p) is not kind for p in parts) or not issubclass(kind, nn.Linear) or \
                 len({p.bias is None for p in parts}) != 1 or len({p.weight.device for p in parts}) != 1:
+            return False
+        if not getattr(kind, "concatenable", False) and (kind is not nn.Linear or parts[0].weight.device.type == "cpu"):
             return False
         if self._fused() is not None:
             return True
@@ -70,27 +76,32 @@ class Attention(nn.Module):
                 part.weight.data = w
                 if bias is not None:
                     part.bias.data = b
-        self._qkv = (weight, bias)
+            with torch.device("meta"):
+                layer = kind(parts[0].in_features, weight.shape[0], bias=bias is not None)
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias, requires_grad=False)
+        object.__setattr__(self, "_qkv", (weight, bias, layer.eval()))  # not a submodule: no new state_dict keys
         return True
 
-    def _fused(self) -> tuple[Tensor, Tensor | None] | None:
-        """The fused weight and bias while the projections still live in them (inference only)."""
+    def _fused(self) -> nn.Module | None:
+        """The fused q/k/v layer while the projections still live in its weight (inference only)."""
         if self._qkv is None or torch.is_grad_enabled():
             return None
-        weight, bias = self._qkv
+        weight, bias, layer = self._qkv
         for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
             if part.weight.data_ptr() != weight[offset].data_ptr() or \
                     (bias is not None and part.bias.data_ptr() != bias[offset:].data_ptr()):
-                self._qkv = None  # the weights moved out: drop the stale buffer
+                object.__setattr__(self, "_qkv", None)  # the weights moved out: drop the stale buffer
                 return None
-        return self._qkv
+        return layer
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         fused = self._fused()
         if fused is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-        return F.linear(x, *fused).split(sizes, dim=-1)
+        return fused(x).split(sizes, dim=-1)
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape

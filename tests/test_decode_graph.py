@@ -160,7 +160,7 @@ def test_fingerprint_changes_when_modules_or_storage_change(pair):
 
 def test_fused_projections_compute_the_same_and_stay_invisible(tmp_path):
     """One buffer for q/k/v: same parameters, same state_dict, same logits; moved weights turn it off."""
-    model = optkit.build("opt-tiny", attention="sdpa").eval()
+    model = optkit.build("opt-tiny", attention="sdpa", linear="onednn").eval()  # onednn: concatenable on CPU
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
     attn = model.decoder.layers[0].self_attn
     params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias]
@@ -175,7 +175,8 @@ def test_fused_projections_compute_the_same_and_stay_invisible(tmp_path):
     assert torch.equal(model.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6))
     model.save_pretrained(tmp_path / "fused")  # views that share storage are written as plain tensors
     with torch.no_grad():
-        assert torch.equal(optkit.from_pretrained(tmp_path / "fused", attention="sdpa")(ids).logits, after)
+        reloaded = optkit.from_pretrained(tmp_path / "fused", attention="sdpa", linear="onednn")
+        assert torch.equal(reloaded(ids).logits, before)
         assert attn._fused() is not None
     with torch.enable_grad():  # training uses the separate projections: gradients reach each parameter
         model(ids).logits.sum().backward()
@@ -186,14 +187,33 @@ def test_fused_projections_compute_the_same_and_stay_invisible(tmp_path):
         assert float((model(ids).logits.float() - before).abs().max()) <= 1e-5
 
 
-def test_projections_that_are_not_plain_linears_are_left_alone():
-    model = optkit.build("opt-tiny").eval()
+def test_projections_are_fused_only_where_it_pays_and_is_allowed():
+    model = optkit.build("opt-tiny", linear="onednn").eval()
     attn = model.decoder.layers[0].self_attn
     attn.fusable = False
     assert not attn.fuse_projections() and attn._qkv is None
     attn.fusable = True
     attn.k_proj = torch.nn.Sequential(attn.k_proj)
     assert not attn.fuse_projections()
+    plain = optkit.build("opt-tiny").eval().decoder.layers[0].self_attn
+    assert not plain.fuse_projections()  # torch's CPU GEMV is no faster on stacked weights
+
+
+def test_generate_fuses_where_it_pays_and_gives_the_same_tokens():
+    model = optkit.build("opt-tiny", attention="sdpa", linear="onednn").eval()
+    ids = torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unfused = [model(ids).logits]
+    for layer in model.decoder.layers:
+        layer.self_attn.fusable = False
+    expected = model.generate(ids, max_new_tokens=8, min_new_tokens=8)
+    assert model.decoder.layers[0].self_attn._qkv is None
+    for layer in model.decoder.layers:
+        layer.self_attn.fusable = True
+    assert torch.equal(model.generate(ids, max_new_tokens=8, min_new_tokens=8), expected)
+    assert model.decoder.layers[0].self_attn._qkv is not None
+    with torch.no_grad():
+        assert float((model(ids).logits - unfused[0]).abs().max()) <= 1e-5
 
 
 def test_a_mask_converts_once_per_dtype_and_device():

@@ -60,6 +60,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cache: PackedWeight) 
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` whose CPU inference runs on a oneDNN-packed copy of its weight."""
 
+    concatenable = True  # given stacked weights it computes stacked outputs: the core may fuse q/k/v (one GEMV)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self._packed = PackedWeight()
