@@ -285,6 +285,18 @@ class Model(nn.Module):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
                 raise InputError(f"inputs_embeds must be (batch, length, {width}), got {tuple(inputs_embeds.shape)}")
 
+    def _check_positions(self, position_ids: Tensor) -> None:
+        """Positions a lookup table cannot hold fail here, with the fix, not as an IndexError deep inside."""
+        valid = getattr(self.decoder.embed_positions, "position_range", None)
+        if valid is None or not position_ids.numel():
+            return
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < valid[0] or high > valid[1]:
+            bad = low if low < valid[0] else high
+            raise InputError(f"position_ids contain {bad}, outside this model's positions {valid[0]}..{valid[1]} "
+                             f"(-1 marks padding); shorten the input or pass position_ids below "
+                             f"{self.decoder.max_positions}")
+
     def _check_attention_weights(self) -> None:
         from optkit import registry
 
@@ -311,6 +323,8 @@ class Model(nn.Module):
                 output_hidden_states: bool = False, output_attentions: bool = False, logits_to_keep: int | Tensor = 0,
                 start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> ModelOutput:
         self._check(input_ids, inputs_embeds)
+        if position_ids is not None and self.check_inputs:
+            self._check_positions(position_ids)
         if output_attentions:
             self._check_attention_weights()
         cache = past_key_values

@@ -223,6 +223,11 @@ def test_input_errors(tmp_path):
         model(torch.tensor([[-1, 5]]))
     with pytest.raises(InputError, match="sequence of 129 tokens exceeds the model's maximum of 128 positions"):
         model(torch.randint(3, 512, (1, 129)))
+    with pytest.raises(InputError, match=r"position_ids contain 128, outside this model's positions -1..127"):
+        model(torch.tensor([[5, 6]]), position_ids=torch.tensor([[126, 128]]))
+    with pytest.raises(InputError, match="position_ids contain -2"):
+        model(torch.tensor([[5, 6]]), position_ids=torch.tensor([[-2, 0]]))
+    assert model(torch.tensor([[1, 6]]), position_ids=torch.tensor([[-1, 127]])).logits.shape == (1, 2, 512)
     with pytest.raises(InputError, match="pass exactly one of input_ids and inputs_embeds"):
         model()
     with pytest.raises(InputError, match="cannot return attention weights; switch with optkit.set_backend"):

@@ -45,6 +45,11 @@ class LearnedPositionalEmbedding(PositionalEmbedding):
         self.weight = nn.Parameter(torch.empty(max_positions + offset, dim))
         nn.init.normal_(self.weight, std=init_std)
 
+    @property
+    def position_range(self) -> tuple[int, int]:
+        """Valid position ids (-1: padding); the model checks user-given ones against it."""
+        return -1, self.max_positions - 1
+
     def additive(self, position_ids: Tensor) -> Tensor:
         return F.embedding(position_ids + self.offset, self.weight)
 
