@@ -2,8 +2,10 @@
 # Everything optkit checks on a CUDA machine, in one call, most important first: the CUDA-graph
 # decode tests, the benchmarks of issue 5 (opt-125m, opt-6.7b, opt-1.3b, transformers compiled),
 # then the GPU backend tests. Packages the machine lacks travel pre-unpacked in .whl/site.
-# Usage (on the GPU machine, from the repository root): OUT=/some/dir bash benchmarks/gpu_session.sh
+# Usage (on the GPU machine, from the repository root): OUT=/some/dir bash benchmarks/gpu_session.sh [quick]
+# "quick": only the decode tests, opt-125m and opt-1.3b (a re-check after changes, about two minutes).
 set -u
+MODE=${1:-full}
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/optkit-gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
@@ -34,8 +36,18 @@ timeout 90 python3 -m pytest tests/test_decode_graph.py -q -rs -p no:cacheprovid
 
 B="python3 benchmarks/bench_generate.py --device cuda --dtype float16 --write-docs --out $OUT/docs --memory"
 step opt-125m
-timeout 110 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/nofuse sdpa/torch/float16/nograph \
-  --batch 1 8
+if [ "$MODE" = quick ]; then
+  timeout 60 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/nograph --batch 1 8 --long 0
+else
+  timeout 110 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/nofuse sdpa/torch/float16/nograph \
+    --batch 1 8
+fi
+if [ "$MODE" = quick ]; then
+  step opt-1.3b
+  timeout 60 $B --shape opt-1.3b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
+  step done
+  exit 0
+fi
 step opt-6.7b
 timeout 90 $B --shape opt-6.7b --variants sdpa/torch/float16 --batch 1 8 --reps 3 --long 0
 step opt-1.3b
