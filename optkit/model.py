@@ -76,6 +76,8 @@ class Attention(nn.Module):
                 part.weight.data = w
                 if bias is not None:
                     part.bias.data = b
+                if callable(getattr(part, "weights_changed", None)):
+                    part.weights_changed()  # e.g. drop a packed copy of the old storage
             with torch.device("meta"):
                 layer = kind(parts[0].in_features, weight.shape[0], bias=bias is not None)
             layer.weight = nn.Parameter(weight, requires_grad=False)

@@ -67,3 +67,17 @@ def test_bf16_close_to_fp32():
 def test_refuses_cuda():
     reasons = optkit.registry.get("linear", "onednn").unavailable_reasons("cuda", torch.float16)
     assert reasons[:2] == ["device cuda (supported: cpu)", "dtype float16 (supported: bfloat16, float32)"]
+
+
+def test_fusing_q_k_v_frees_the_packed_copies_of_the_old_weights():
+    model = optkit.build("opt-tiny", linear="onednn").eval()
+    attn = model.decoder.layers[0].self_attn
+    ids = torch.randint(3, 500, (1, 5))
+    with torch.no_grad():
+        before = model(ids).logits  # packs q, k and v separately
+    assert attn.q_proj._packed._packed is not None
+    assert attn.fuse_projections()
+    assert all(p._packed._packed is None for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    with torch.no_grad():
+        assert float((model(ids).logits - before).abs().max()) <= 1e-5
+    assert attn.q_proj._packed._packed is None  # the fused layer computes q, k and v now

@@ -69,6 +69,10 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias, self._packed)
 
+    def weights_changed(self) -> None:
+        """The core moved the weight into a fused buffer: free the packed copy of the old storage now."""
+        self._packed = PackedWeight()
+
 
 class OneDNNLinearFactory:
     """Builds the projections; ``matmul`` lets a head (the tied LM head) use the same kernel."""
