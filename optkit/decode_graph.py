@@ -126,7 +126,7 @@ class DecodeStep:
 
 def _fingerprint(model: Model) -> tuple:
     """Changes whenever a module or a weight's storage is replaced (a captured graph reads old addresses)."""
-    return (tuple(id(m) for m in model.modules()), tuple(t.data_ptr() for t in model.parameters()),
+    return (tuple((id(m), type(m)) for m in model.modules()), tuple(t.data_ptr() for t in model.parameters()),
             tuple(t.data_ptr() for t in model.buffers()))
 
 
