@@ -502,7 +502,7 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, max_new_tokens:
 
 
 def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind: str | None) -> bool:
-    if wanted is False:
+    if wanted is False or (wanted is None and model.device.type != "cuda"):
         return False
     why_not = "beam search reorders the cache between steps" if s.num_beams > 1 else None
     why_not = why_not or unsupported_reason(model, cache_kind)
@@ -558,8 +558,7 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     if streamer is not None:
         streamer.put(ids.cpu())
     if not model.training:
-        for layer in model.decoder.layers:  # one GEMM for q, k and v where the linear backend gains from it
-            layer.self_attn.fuse_projections()
+        model.fuse_projections()  # one GEMM for q, k and v where the linear backend gains from it
     checked, model.check_inputs = model.check_inputs, False  # ids were checked above; new ids are in range
     try:
         if s.num_beams > 1:

@@ -312,6 +312,11 @@ class Model(nn.Module):
         """Recompute every layer during backward instead of storing its activations."""
         self.decoder.gradient_checkpointing = enabled
 
+    def fuse_projections(self) -> int:
+        """Fuse each layer's q/k/v into one GEMM where the linear backend gains from it (see
+        ``Attention.fuse_projections``); returns how many layers are fused. ``generate`` calls it."""
+        return sum(layer.self_attn.fuse_projections() for layer in self.decoder.layers)
+
     def new_cache(self, batch_size: int, max_length: int | None = None, kind: str | None = None,
                   **params: Any) -> KVCache:
         """A fresh KV cache from the spec's kv_cache component (or ``kind``)."""
