@@ -118,3 +118,15 @@ def test_mask_geometry():
     assert AttentionMask(batch_size=1, q_len=1, kv_len=5, q_offset=4).sees_every_key
     additive = plain.additive(torch.float32)[0, 0]
     assert additive[0, 1] == torch.finfo(torch.float32).min and additive[1, 0] == 0
+
+
+def test_eager_scales_q_first_for_a_power_of_two_scale_so_fp16_scores_stay_in_range():
+    """OPT hands the kernel head_dim**-0.5; unscaled fp16 q k^T could overflow where transformers' order does not."""
+    from optkit_attention_eager import EagerAttention
+
+    q = torch.full((1, 1, 2, 64), 40.0, dtype=torch.float16)  # q k^T = 102400: inf in fp16 unless q is scaled
+    k = torch.full((1, 1, 2, 64), 40.0, dtype=torch.float16)
+    v = torch.randn(1, 1, 2, 64, dtype=torch.float16)
+    mask = optkit.AttentionMask(batch_size=1, q_len=2, kv_len=2)
+    out = EagerAttention()(q, k, v, mask, scale=64**-0.5).output
+    assert torch.isfinite(out).all()

@@ -7,6 +7,8 @@ rows that may attend to nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,10 @@ class EagerAttention(AttentionKernel):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, *, scale: float,
                 dropout_p: float = 0.0, need_weights: bool = False) -> AttentionResult:
+        if scale != 1.0 and math.frexp(scale)[0] == 0.5:
+            # A power of two: scaling q first is exact, and keeps fp16 scores in the range transformers' OPT
+            # (which scales q after its projection) keeps them in.
+            query, scale = query * scale, 1.0
         scores = torch.matmul(query, key.transpose(-1, -2))
         if scale != 1.0:
             scores = scores * scale
