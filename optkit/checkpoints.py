@@ -242,7 +242,8 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
 def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,
                       kv_cache: Any = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                       num_labels: int | None = None) -> Any:
-    """An optkit model from a loaded transformers OPT/Open-Llama model, without a round trip to disk.
+    """An optkit model from a loaded transformers model (OPT; Open-Llama where that transformers version still
+    has it), without a round trip to disk.
 
     Tensors that already have the wanted device and dtype (by default the transformers model's) are
     shared, not copied: both models then read the same memory, so later in-place changes show in both.
