@@ -9,7 +9,9 @@ with a memory bandwidth measured in the same run.
         --variants sdpa/torch/float16 sdpa/torch/float16/nograph --hf-compiled
 
 An optkit variant is ``attention/linear/dtype``; further fields ``nograph`` (no CUDA-graph decode
-step) and ``nofuse`` (q/k/v stay three GEMMs) turn optimisations off for comparison. ``--hf-compiled`` adds transformers' best setting (static cache, which makes its
+step) and ``nofuse`` (q/k/v stay three GEMMs) turn optimisations off for comparison; ``compile``
+compiles the decode step with torch.compile (inductor) before it is captured (its compilation
+falls in the warm-up, outside the timed runs). ``--hf-compiled`` adds transformers' best setting (static cache, which makes its
 ``generate`` compile the decode step with torch.compile "reduce-overhead" on CUDA).
 """
 
@@ -102,7 +104,10 @@ def load_systems(shape: str, dtype: torch.dtype, device: str, variants: list[str
         model = optkit.from_transformers(hf, dtype=getattr(torch, variant_dtype), attention=attention, linear=linear)
         for layer in model.decoder.layers:
             layer.self_attn.fusable = "nofuse" not in flags  # keep q/k/v as three GEMMs
-        systems[f"optkit {variant}"] = (model, {"decode_graph": False} if "nograph" in flags else {})
+        options = {"decode_graph": False} if "nograph" in flags else {}
+        if "compile" in flags:
+            options["compile"] = True
+        systems[f"optkit {variant}"] = (model, options)
     return systems
 
 
@@ -254,7 +259,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", default=["sdpa/torch/float32"],
-                        help="optkit models to compare, each attention/linear/dtype[/nograph] (e.g. sdpa/onednn/bfloat16)")
+                        help="optkit models to compare, each attention/linear/dtype[/nograph|nofuse|compile] (e.g. sdpa/onednn/bfloat16)")
     parser.add_argument("--hf-compiled", action="store_true",
                         help="also transformers with a static cache (compiled decode step on CUDA)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--linear", default=None, help="linear backend, e.g. torch or int8")
     p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: faster decoding after a one-off "
+                        "compilation of seconds to minutes (needs a C++ compiler on CPU, Triton on CUDA)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print text as it is generated (default: on)")
     p.set_defaults(func=run)
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
                                    no_repeat_ngram_size=args.no_repeat_ngram_size, generator=_generator(args.seed, pipe.model.device))
+    if args.compile:
+        options["compile"] = True
     for prompt in prompts:
         if args.stream and args.num_beams == 1:
             pipe(prompt, streamer=TextStreamer(pipe.tokenizer, skip_special_tokens=True), **options)

@@ -9,6 +9,12 @@ models on a GPU.
 
 On the CPU the same step runs eagerly (no graphs there); the tests use that to prove it computes
 exactly what the reference loop computes, and on CUDA they compare the replayed graph with it.
+
+``compiled=True`` hands the step to ``torch.compile`` (inductor) before the capture: it fuses the
+small kernels between the GEMMs (norms, residual adds, bias, activation, cache writes) and, on CUDA
+with one row, writes its own coordinate-descent-tuned GEMVs in place of cuBLAS's, which are far from
+the bandwidth limit at M=1. The compiled step is still captured into our graph, so its device-side
+state works unchanged.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def unsupported_reason(model: Model, cache_kind: str | None) -> str | None:
 class DecodeStep:
     """Feeds one token per row through the model at device-side positions; graph-captured on CUDA."""
 
-    def __init__(self, model: Model, cache: KVCache, batch_size: int):
+    def __init__(self, model: Model, cache: KVCache, batch_size: int, compiled: bool = False):
         if cache.max_length is None:
             raise ValueError("the decode step needs a preallocated cache (kv_cache 'static')")
         device = model.device
@@ -66,6 +72,8 @@ class DecodeStep:
         self.capture = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # the graph's output buffer
+        self.compiled = compiled
+        self._run = _compile(self._step) if compiled else self._step
 
     def start(self, prompt_mask: Tensor) -> None:
         """After the prefill stored the prompt: the next token goes to slot ``prompt length``."""
@@ -84,7 +92,7 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        return self._step()
+        return self._run()
 
     def _step(self) -> Tensor:
         self.visible.index_fill_(1, self.slot, True)
@@ -106,12 +114,12 @@ class DecodeStep:
             stream = torch.cuda.Stream(device=self.ids.device)
             stream.wait_stream(torch.cuda.current_stream(self.ids.device))
             with torch.cuda.stream(stream):
-                self._step()
+                self._run()  # compiles here, when compiled
             torch.cuda.current_stream(self.ids.device).wait_stream(stream)
             self._restore(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = self._step()
+                logits = self._run()
             self.graph, self.logits = graph, logits
         except Exception as exc:  # a component that syncs despite its declaration: stay correct, go slower
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
@@ -124,25 +132,89 @@ class DecodeStep:
         self.visible.copy_(saved[2])
 
 
+def _compile(step):
+    """``step`` compiled by inductor for fixed shapes (every decode step of one generate has the same)."""
+    return torch.compile(step, dynamic=False, backend=inductor_with_gemv)
+
+
+def inductor_with_gemv(graph: torch.fx.GraphModule, example_inputs):
+    """Inductor, with one-row matrix products computed by its own (tuned) reduction kernels.
+
+    With ``coordinate_descent_tuning`` (gpt-fast's setting) inductor turns a one-row ``mm`` into a
+    reduction tuned to the bandwidth limit, where cuBLAS's GEMV stays far below it;
+    :func:`_addmm_one_row` does the same for the biased projections, which it leaves alone.
+    """
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[torch.ops.aten.addmm.default] = _addmm_one_row(table.get(torch.ops.aten.addmm.default))
+    table[torch.ops.aten.mm.default] = _mm_one_row(table.get(torch.ops.aten.mm.default))
+    table[torch.ops.aten.bmm.default] = _bmm_one_row(table.get(torch.ops.aten.bmm.default))
+    return compile_fx(graph, example_inputs, decompositions=table, config_patches={"coordinate_descent_tuning": True})
+
+
+def _mm_one_row(fallback):
+    """x @ w for one row (the LM head) as a reduction in fp32, rounded once."""
+
+    def mm(rows: Tensor, weight_t: Tensor) -> Tensor:
+        if rows.shape[0] == 1 and rows.dtype == weight_t.dtype and rows.is_floating_point():
+            return (rows.float().unsqueeze(2) * weight_t.float().unsqueeze(0)).sum(dim=1).to(rows.dtype)
+        return NotImplemented if fallback is None else fallback(rows, weight_t)
+
+    return mm
+
+
+def _bmm_one_row(fallback):
+    """Batched one-row products (a decode step's q k^T and p v in eager attention), likewise."""
+
+    def bmm(rows: Tensor, other: Tensor) -> Tensor:
+        if rows.shape[1] == 1 and rows.dtype == other.dtype and rows.is_floating_point():
+            return (rows.float().unsqueeze(-1) * other.float().unsqueeze(1)).sum(dim=2).to(rows.dtype)
+        return NotImplemented if fallback is None else fallback(rows, other)
+
+    return bmm
+
+
+def _addmm_one_row(fallback):
+    """bias + x @ w for one row as a reduction in fp32, rounded once (as cuBLAS's epilogue does)."""
+
+    def addmm(bias: Tensor, rows: Tensor, weight_t: Tensor, *, beta=1, alpha=1) -> Tensor:
+        if rows.shape[0] == 1 and beta == 1 and alpha == 1 and rows.dtype == weight_t.dtype == bias.dtype:
+            products = rows.float().unsqueeze(2) * weight_t.float().unsqueeze(0)  # (1, K, N)
+            return (products.sum(dim=1) + bias.float()).to(rows.dtype)
+        return NotImplemented if fallback is None else fallback(bias, rows, weight_t, beta=beta, alpha=alpha)
+
+    return addmm
+
+
 def _fingerprint(model: Model) -> tuple:
     """Changes whenever a module or a weight's storage is replaced (a captured graph reads old addresses)."""
     return (tuple((id(m), type(m)) for m in model.modules()), tuple(t.data_ptr() for t in model.parameters()),
             tuple(t.data_ptr() for t in model.buffers()))
 
 
+COMPILED_LENGTH_STEP = 256
+
 # model -> (key, step) of its last captured step; weak, so a dropped model frees its graph and cache
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def decode_step(model: Model, batch_size: int, max_length: int, cache_kind: str | None) -> DecodeStep:
+def decode_step(model: Model, batch_size: int, max_length: int, cache_kind: str | None,
+                compiled: bool = False) -> DecodeStep:
     """A decode step with a fresh (reset) cache; on CUDA the last captured one is reused when it fits.
 
     Capturing costs a few forward passes, so the graph and its cache stay on the model for the next
     ``generate`` call of the same batch size and length; any change of modules or weight storage
     (``set_backend``, ``.to()``) makes a new one. ``generate`` fuses the q/k/v projections before
     (``Attention.fuse_projections``), so the fingerprint already sees the fused layout.
+    A compiled step's cache is rounded up to a multiple of ``COMPILED_LENGTH_STEP`` positions: each
+    cache length is a new compilation (and torch.compile gives up after a few), while unwritten
+    slots cost only a little masked attention.
     """
-    key = (batch_size, max_length, cache_kind, model.device, model.dtype, _fingerprint(model))
+    if compiled:
+        max_length = -(-max_length // COMPILED_LENGTH_STEP) * COMPILED_LENGTH_STEP
+    key = (batch_size, max_length, cache_kind, compiled, model.device, model.dtype, _fingerprint(model))
     kept = _KEPT.pop(model, None)  # at most one per model: the old graph's memory is freed first
     if kept is not None and kept[0] == key:
         _KEPT[model] = kept
@@ -150,7 +222,7 @@ def decode_step(model: Model, batch_size: int, max_length: int, cache_kind: str 
         return kept[1]
     del kept
     cache = model.new_cache(batch_size, max_length=max_length, kind=cache_kind)
-    step = DecodeStep(model, cache, batch_size)
+    step = DecodeStep(model, cache, batch_size, compiled)
     if step.capture and callable(getattr(cache, "reset", None)):
         _KEPT[model] = (key, step)
     return step

@@ -63,6 +63,7 @@ class Settings:
     pad_token_id: int | None
     cache_implementation: str | None = "static"  # preallocated, written in place: no copy per step
     decode_graph: bool = False  # decode through optkit.decode_graph (a captured CUDA graph on CUDA)
+    compile: bool = False  # ... with that step compiled by torch.compile
 
 
 # -- logits processors: small functions, composed in transformers' order -------------------------
@@ -322,7 +323,7 @@ def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, proc
                       generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
     step = None
     if s.decode_graph and s.max_length > ids.shape[1] + 1:
-        step = decode_step(model, ids.shape[0], s.max_length, s.cache_implementation)
+        step = decode_step(model, ids.shape[0], s.max_length, s.cache_implementation, compiled=s.compile)
         cache = step.cache
     else:
         cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
@@ -501,14 +502,20 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, max_new_tokens:
                     pad_token_id=pad)
 
 
-def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind: str | None) -> bool:
-    if wanted is False or (wanted is None and model.device.type != "cuda"):
+def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind: str | None,
+                      compile: bool = False) -> bool:
+    if compile and wanted is False:
+        raise InputError("compile=True compiles the decode step, which decode_graph=False turns off; "
+                         "drop one of the two")
+    if wanted is False or (wanted is None and model.device.type != "cuda" and not compile):
         return False
     why_not = "beam search reorders the cache between steps" if s.num_beams > 1 else None
     why_not = why_not or unsupported_reason(model, cache_kind)
-    if wanted and why_not:
-        raise InputError(f"decode_graph=True: {why_not}; pass decode_graph=None to fall back to the plain loop")
-    return why_not is None and (wanted or model.device.type == "cuda")
+    if why_not and (wanted or compile):
+        asked = "compile=True" if compile else "decode_graph=True"
+        fallback = "pass compile=False" if compile else "pass decode_graph=None"
+        raise InputError(f"{asked}: {why_not}; {fallback} to fall back to the plain loop")
+    return why_not is None
 
 
 def _default_mask(ids: Tensor, s: Settings) -> Tensor:
@@ -527,7 +534,8 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
              num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, streamer: Streamer | None = None,
-             cache_implementation: str | None = "static", decode_graph: bool | None = None) -> Tensor:
+             cache_implementation: str | None = "static", decode_graph: bool | None = None,
+             compile: bool = False) -> Tensor:
     """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
 
     Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
@@ -542,13 +550,16 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     ``decode_graph``: run each decode step as one replay of a captured CUDA graph (see
     optkit.decode_graph). None: on CUDA whenever the model's components declare they allow it (else
     the plain loop, same tokens); True: insist (an InputError says why not; on CPU the same step runs
-    without a graph); False: never.
+    without a graph); False: never. ``compile=True``: that decode step is first compiled by
+    ``torch.compile`` (inductor fuses the small kernels; on CUDA, one-row GEMMs become tuned GEMV
+    kernels): faster decoding from the second call on, after seconds to minutes of compilation in the
+    first (per model and shape); needs a C++ compiler on CPU and Triton on CUDA.
     """
     s = _settings(model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
                   temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_beams,
                   num_return_sequences, length_penalty, early_stopping, eos_token_id, pad_token_id, streamer)
-    s = dataclasses.replace(s, cache_implementation=cache_implementation,
-                            decode_graph=_use_decode_graph(model, decode_graph, s, cache_implementation))
+    s = dataclasses.replace(s, cache_implementation=cache_implementation, compile=bool(compile),
+                            decode_graph=_use_decode_graph(model, decode_graph, s, cache_implementation, compile))
     ids = input_ids.to(device=model.device, dtype=torch.long)
     mask = _default_mask(ids, s) if attention_mask is None else attention_mask.to(device=model.device,
                                                                                    dtype=torch.long)

@@ -91,6 +91,8 @@ class Attention(nn.Module):
         if self._qkv is None or torch.is_grad_enabled():
             return None
         weight, bias, layer = self._qkv
+        if torch.compiler.is_compiling():  # generate() ran this check eagerly just before compiling
+            return layer
         for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
             if part.weight.data_ptr() != weight[offset].data_ptr() or \
                     (bias is not None and part.bias.data_ptr() != bias[offset:].data_ptr()):

@@ -8,10 +8,27 @@ queries sit relative to the keys (the cache offset).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
+
+
+class cached_property:  # noqa: N801 - a drop-in for functools'
+    """functools.cached_property without its lock: Python < 3.12 takes an RLock there, which
+    torch.compile cannot trace (each use would break the compiled decode step's graph)."""
+
+    def __init__(self, compute):
+        self.compute, self.name = compute, compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)  # later reads find it first
+        return value
 
 
 @dataclass(frozen=True, eq=False)

@@ -67,7 +67,8 @@ class FeedForward(MLP):
 
     def _relu_in_gemm(self, x: Tensor) -> bool:
         return (self.activation == "relu" and x.is_cuda and type(self.fc1) is nn.Linear
-                and self.fc1.bias is not None and not torch.is_grad_enabled())
+                and self.fc1.bias is not None and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())  # inductor fuses bias + ReLU itself
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
