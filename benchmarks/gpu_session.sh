@@ -4,6 +4,8 @@
 # then the GPU backend tests. Packages the machine lacks travel pre-unpacked in .whl/site.
 # Usage (on the GPU machine, from the repository root): OUT=/some/dir bash benchmarks/gpu_session.sh [quick]
 # "quick": only the decode tests, opt-125m and opt-1.3b (a re-check after changes, about two minutes).
+# "compile": the compiled decode step (generate(compile=True)): its tests, then opt-125m, opt-6.7b and
+# opt-1.3b at batch 1 against the CUDA-graph step (about nine minutes, most of it compilation).
 set -u
 MODE=${1:-full}
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/optkit-gpu}
@@ -30,6 +32,33 @@ b = m.generate(ids, max_new_tokens=16, eos_token_id=[], decode_graph=False)
 kept = decode_graph._KEPT.get(m)
 print("captured:", kept is not None and kept[1].graph is not None, "same tokens:", torch.equal(a, b))
 PY
+
+if [ "$MODE" = compile ]; then
+  step smoke: compiled step vs plain loop on opt-tiny
+  timeout 90 python3 - <<'PY'
+import time, torch, optkit
+from optkit import decode_graph
+m = optkit.build("opt-tiny", device="cuda", attention="sdpa").eval()
+ids = torch.randint(3, 500, (1, 9), device="cuda")
+start = time.perf_counter()
+a = m.generate(ids, max_new_tokens=16, eos_token_id=[], compile=True)
+print(f"first compiled generate: {time.perf_counter() - start:.1f} s")
+b = m.generate(ids, max_new_tokens=16, eos_token_id=[], decode_graph=False)
+kept = decode_graph._KEPT.get(m)
+print("captured:", kept is not None and kept[1].graph is not None, "same tokens:", torch.equal(a, b))
+PY
+  step compiled-step and graph tests
+  timeout 110 python3 -m pytest tests/test_compiled_step.py tests/test_decode_graph.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -15
+  B="python3 benchmarks/bench_generate.py --device cuda --dtype float16 --write-docs --out $OUT/docs --batch 1 --long 0 --contexts --label=-compile"
+  step opt-125m
+  timeout 160 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/compile eager/torch/float16/compile
+  step opt-6.7b
+  timeout 120 $B --shape opt-6.7b --variants sdpa/torch/float16 sdpa/torch/float16/compile --reps 3
+  step opt-1.3b
+  timeout 80 $B --shape opt-1.3b --variants sdpa/torch/float16 eager/torch/float16/compile --reps 3
+  step done
+  exit 0
+fi
 
 step CUDA-graph decode tests
 timeout 90 python3 -m pytest tests/test_decode_graph.py -q -rs -p no:cacheprovider 2>&1 | tail -15
