@@ -5,7 +5,9 @@
 # Usage (on the GPU machine, from the repository root): OUT=/some/dir bash benchmarks/gpu_session.sh [quick]
 # "quick": only the decode tests, opt-125m and opt-1.3b (a re-check after changes, about two minutes).
 # "compile": the compiled decode step (generate(compile=True)): its tests, then opt-125m, opt-6.7b and
-# opt-1.3b at batch 1 against the CUDA-graph step (about nine minutes, most of it compilation).
+# opt-1.3b at batch 1 against the CUDA-graph step (about six minutes, most of it compilation).
+# "compile-tune": transformers' static+compile next to the compiled step (opt-125m), then opt-1.3b and
+# opt-6.7b with inductor's wider coordinate-descent search (radius 2, all directions) against the default.
 set -u
 MODE=${1:-full}
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/optkit-gpu}
@@ -56,6 +58,21 @@ PY
   timeout 120 $B --shape opt-6.7b --variants sdpa/torch/float16 sdpa/torch/float16/compile --reps 3
   step opt-1.3b
   timeout 80 $B --shape opt-1.3b --variants sdpa/torch/float16 eager/torch/float16/compile --reps 3
+  step done
+  exit 0
+fi
+
+if [ "$MODE" = compile-tune ]; then
+  B="python3 benchmarks/bench_generate.py --device cuda --dtype float16 --write-docs --out $OUT/docs --batch 1 --long 0 --contexts"
+  WIDE="env TORCHINDUCTOR_COORDINATE_DESCENT_RADIUS=2 TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS=1"
+  step opt-125m with transformers static+compile
+  timeout 130 $B --shape opt-125m --variants sdpa/torch/float16 sdpa/torch/float16/compile --hf-compiled --label=-compile-hf
+  step opt-1.3b, default search
+  timeout 80 $B --shape opt-1.3b --variants sdpa/torch/float16 sdpa/torch/float16/compile --reps 3 --label=-compile-sdpa
+  step opt-6.7b, wide search
+  timeout 120 $WIDE $B --shape opt-6.7b --variants sdpa/torch/float16 sdpa/torch/float16/compile --reps 3 --label=-compile-wide
+  step opt-1.3b, wide search
+  timeout 90 $WIDE $B --shape opt-1.3b --variants sdpa/torch/float16/compile --reps 3 --label=-compile-wide
   step done
   exit 0
 fi
