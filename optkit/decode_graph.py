@@ -19,6 +19,9 @@ state works unchanged.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 import warnings
 import weakref
 from typing import TYPE_CHECKING
@@ -73,7 +76,7 @@ class DecodeStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # the graph's output buffer
         self.compiled = compiled
-        self._run = _compile(self._step) if compiled else self._step
+        self._run = functools.partial(_compiled_step(model), self) if compiled else self._step
 
     def start(self, prompt_mask: Tensor) -> None:
         """After the prefill stored the prompt: the next token goes to slot ``prompt length``."""
@@ -132,9 +135,28 @@ class DecodeStep:
         self.visible.copy_(saved[2])
 
 
-def _compile(step):
-    """``step`` compiled by inductor for fixed shapes (every decode step of one generate has the same)."""
-    return torch.compile(step, dynamic=False, backend=inductor_with_gemv)
+# model -> its compiled copy of DecodeStep._step (see _compiled_step)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+RECOMPILE_LIMIT = 32  # shapes per model: batch sizes x length buckets x dtypes
+
+
+def _compiled_step(model: Model):
+    """``DecodeStep._step`` compiled by inductor for fixed shapes, one function per model.
+
+    torch.compile keeps its compilations, and its limit of 8 before it gives up and runs the function
+    uncompiled, per code object. A copy of the step's code per model keeps models from using up each
+    other's; each model may have several shapes (batch sizes, length buckets), so the limit is raised
+    where this torch lets a single function say so.
+    """
+    compiled = _COMPILED.get(model)
+    if compiled is None:
+        plain = DecodeStep._step
+        step = types.FunctionType(plain.__code__.replace(), plain.__globals__, plain.__name__, plain.__defaults__,
+                                  plain.__closure__)
+        options = {"recompile_limit": RECOMPILE_LIMIT} \
+            if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
+        compiled = _COMPILED[model] = torch.compile(step, dynamic=False, backend=inductor_with_gemv, **options)
+    return compiled
 
 
 def inductor_with_gemv(graph: torch.fx.GraphModule, example_inputs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,15 @@ def test_streamed_output_equals_the_final_text(capsys, model_dir, prompt):
     assert streamed[0] == 0
     assert streamed[1] == run(capsys, *args, "--no-stream")[1]
     assert streamed[1].startswith(prompt)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile (inductor) on CPU needs a C++ compiler (g++ or c++)")
+def test_compiled_decoding_prints_the_same_text(capsys, model_dir):
+    args = ("--model", str(model_dir), "--prompt", "Hello world", "--max-new-tokens", "10", "--no-stream")
+    plain = run(capsys, *args)
+    compiled = run(capsys, *args, "--compile")
+    assert compiled[0] == 0 and compiled[1] == plain[1]
 
 
 def test_prompts_from_stdin_one_per_line(capsys, monkeypatch, model_dir):
