@@ -205,11 +205,12 @@ def run_peak_rss(args: argparse.Namespace) -> None:
     if args.peak_rss == "transformers":
         model = transformers.OPTForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
     else:
-        attention, linear, variant_dtype, *_ = args.peak_rss.removeprefix("optkit ").split("/")
+        attention, linear, variant_dtype, *flags = args.peak_rss.removeprefix("optkit ").split("/")
         model = optkit.from_pretrained(args.checkpoint, dtype=getattr(torch, variant_dtype), device=args.device,
                                        attention=attention, linear=linear)
     ids, mask = prompts(1, args.prompt, 50272, args.device)
-    generate(args.peak_rss, (model, {}), ids, mask, args.new)
+    options = {"compile": True} if args.peak_rss != "transformers" and "compile" in flags else {}
+    generate(args.peak_rss, (model, options), ids, mask, args.new)  # with compile: compilation's peak included
     print(peak_rss_of_this_process_mib())
 
 
@@ -232,7 +233,7 @@ def svg_plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str)
     x_max, y_max = max(xs), max(ys) * 1.1
     sx = lambda x: pad + (width - 2 * pad) * x / x_max
     sy = lambda y: height - pad - (height - 2 * pad) * y / y_max
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
              f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
              f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
@@ -247,8 +248,8 @@ def svg_plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str)
     for i, (name, series) in enumerate(points.items()):
         series = sorted(series)
         path_d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in series)
-        parts.append(f'<polyline fill="none" stroke="{colors[i % 4]}" stroke-width="2" points="{path_d}"/>')
-        parts.append(f'<text x="{width - pad - 150}" y="{pad + 15 * i}" fill="{colors[i % 4]}" font-size="12">{name}</text>')
+        parts.append(f'<polyline fill="none" stroke="{colors[i % len(colors)]}" stroke-width="2" points="{path_d}"/>')
+        parts.append(f'<text x="{width - pad - 150}" y="{pad + 15 * i}" fill="{colors[i % len(colors)]}" font-size="12">{name}</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts))
 

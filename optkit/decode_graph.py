@@ -11,10 +11,11 @@ On the CPU the same step runs eagerly (no graphs there); the tests use that to p
 exactly what the reference loop computes, and on CUDA they compare the replayed graph with it.
 
 ``compiled=True`` hands the step to ``torch.compile`` (inductor) before the capture: it fuses the
-small kernels between the GEMMs (norms, residual adds, bias, activation, cache writes) and, on CUDA
-with one row, writes its own coordinate-descent-tuned GEMVs in place of cuBLAS's, which are far from
-the bandwidth limit at M=1. The compiled step is still captured into our graph, so its device-side
-state works unchanged.
+small kernels between the matrix products (norms, residual adds, bias, activation, cache writes)
+and, with one row, computes each product as its own reduction kernel (coordinate-descent tuned on
+CUDA) instead of the BLAS GEMV, which stays far from the bandwidth limit at M=1 (cuBLAS on an H200,
+MKL/oneDNN on the CI machine's CPU). The compiled step is still captured into our graph, so its
+device-side state works unchanged.
 """
 
 from __future__ import annotations
