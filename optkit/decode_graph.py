@@ -177,12 +177,25 @@ def inductor_with_gemv(graph: torch.fx.GraphModule, example_inputs):
     return compile_fx(graph, example_inputs, decompositions=table, config_patches={"coordinate_descent_tuning": True})
 
 
+def _once(rows: Tensor) -> Tensor:
+    """``rows`` in fp32, stored once on CPU instead of recomputed for every output.
+
+    Inductor would otherwise inline whatever produced the row (a layer norm, a cast) into the
+    reduction's inner loop and redo it for each of the N outputs, which makes bf16 GEMVs compute-bound.
+    Not applied on CUDA, where it was not measured.
+    """
+    rows = rows.float()
+    if rows.device.type == "cpu":
+        rows = torch.ops.prims.inductor_force_stride_order(rows, rows.stride())
+    return rows
+
+
 def _mm_one_row(fallback):
     """x @ w for one row (the LM head) as a reduction in fp32, rounded once."""
 
     def mm(rows: Tensor, weight_t: Tensor) -> Tensor:
         if rows.shape[0] == 1 and rows.dtype == weight_t.dtype and rows.is_floating_point():
-            return (rows.float().unsqueeze(2) * weight_t.float().unsqueeze(0)).sum(dim=1).to(rows.dtype)
+            return (_once(rows).unsqueeze(2) * weight_t.float().unsqueeze(0)).sum(dim=1).to(rows.dtype)
         return NotImplemented if fallback is None else fallback(rows, weight_t)
 
     return mm
@@ -204,7 +217,7 @@ def _addmm_one_row(fallback):
 
     def addmm(bias: Tensor, rows: Tensor, weight_t: Tensor, *, beta=1, alpha=1) -> Tensor:
         if rows.shape[0] == 1 and beta == 1 and alpha == 1 and rows.dtype == weight_t.dtype == bias.dtype:
-            products = rows.float().unsqueeze(2) * weight_t.float().unsqueeze(0)  # (1, K, N)
+            products = _once(rows).unsqueeze(2) * weight_t.float().unsqueeze(0)  # (1, K, N)
             return (products.sum(dim=1) + bias.float()).to(rows.dtype)
         return NotImplemented if fallback is None else fallback(bias, rows, weight_t, beta=beta, alpha=alpha)
 
