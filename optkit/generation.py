@@ -551,8 +551,8 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     optkit.decode_graph). None: on CUDA whenever the model's components declare they allow it (else
     the plain loop, same tokens); True: insist (an InputError says why not; on CPU the same step runs
     without a graph); False: never. ``compile=True``: that decode step is first compiled by
-    ``torch.compile`` (inductor fuses the small kernels; on CUDA, one-row GEMMs become tuned GEMV
-    kernels): faster decoding from the second call on, after seconds to minutes of compilation in the
+    ``torch.compile`` (inductor fuses the small kernels, and one-row products become fused
+    reduction kernels that read the weights nearer the bandwidth limit than BLAS GEMVs): faster decoding from the second call on, after seconds to minutes of compilation in the
     first (per model and shape); needs a C++ compiler on CPU and Triton on CUDA.
     """
     s = _settings(model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
