@@ -76,7 +76,6 @@ class DecodeStep:
         self.capture = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # the graph's output buffer
-        self.compiled = compiled
         self._run = functools.partial(_compiled_step(model), self) if compiled else self._step
 
     def start(self, prompt_mask: Tensor) -> None:
@@ -190,12 +189,17 @@ def _once(rows: Tensor) -> Tensor:
     return rows
 
 
+def _row_product(rows: Tensor, weight_t: Tensor) -> Tensor:
+    """(1, K) @ (K, N) as an fp32 multiply-and-sum: inductor emits it as one reduction kernel."""
+    return (_once(rows).unsqueeze(2) * weight_t.float().unsqueeze(0)).sum(dim=1)
+
+
 def _mm_one_row(fallback):
     """x @ w for one row (the LM head) as a reduction in fp32, rounded once."""
 
     def mm(rows: Tensor, weight_t: Tensor) -> Tensor:
         if rows.shape[0] == 1 and rows.dtype == weight_t.dtype and rows.is_floating_point():
-            return (_once(rows).unsqueeze(2) * weight_t.float().unsqueeze(0)).sum(dim=1).to(rows.dtype)
+            return _row_product(rows, weight_t).to(rows.dtype)
         return NotImplemented if fallback is None else fallback(rows, weight_t)
 
     return mm
@@ -217,8 +221,7 @@ def _addmm_one_row(fallback):
 
     def addmm(bias: Tensor, rows: Tensor, weight_t: Tensor, *, beta=1, alpha=1) -> Tensor:
         if rows.shape[0] == 1 and beta == 1 and alpha == 1 and rows.dtype == weight_t.dtype == bias.dtype:
-            products = _once(rows).unsqueeze(2) * weight_t.float().unsqueeze(0)  # (1, K, N)
-            return (products.sum(dim=1) + bias.float()).to(rows.dtype)
+            return (_row_product(rows, weight_t) + bias.float()).to(rows.dtype)
         return NotImplemented if fallback is None else fallback(bias, rows, weight_t, beta=beta, alpha=alpha)
 
     return addmm
