@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import optkit
+import optkit.inference
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # transformers OPTConfig fields of the real checkpoints
@@ -102,8 +103,8 @@ def load_systems(shape: str, dtype: torch.dtype, device: str, variants: list[str
     for variant in variants:
         attention, linear, variant_dtype, *flags = variant.split("/")
         model = optkit.from_transformers(hf, dtype=getattr(torch, variant_dtype), attention=attention, linear=linear)
-        for layer in model.decoder.layers:
-            layer.self_attn.fusable = "nofuse" not in flags  # keep q/k/v as three GEMMs
+        optkit.inference.restore(model)
+        optkit.inference.prepare(model, stack_projections="nofuse" not in flags)  # nofuse: q/k/v as three GEMMs
         options = {"decode_graph": False} if "nograph" in flags else {}
         if "compile" in flags:
             options["compile"] = True
@@ -171,11 +172,10 @@ def cuda_working_memory_mib(systems: dict, ids, mask, new: int) -> dict[str, flo
 
 
 def decode_path(model) -> str:
-    """Whether optkit's last decode ran as a captured CUDA graph (see optkit.decode_graph)."""
-    from optkit import decode_graph
-
-    kept = decode_graph._KEPT.get(model)
-    return "CUDA graph" if kept is not None and kept[1].graph is not None else "eager loop"
+    """Whether optkit's last decode ran as a captured CUDA graph (see optkit.inference)."""
+    session = model.inference_session
+    kept = session.kept_step if session is not None else None
+    return "CUDA graph" if kept is not None and kept.graph is not None else "eager loop"
 
 
 def bytes_per_token(model, context: int, batch: int, element: int) -> float:

@@ -7,7 +7,7 @@ plus YAML, never an edit to this file.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,8 +15,9 @@ from pydantic import BaseModel
 from torch import nn
 
 from optkit.errors import BackendUnavailableError, SpecValidationError
-from optkit.interfaces import AttentionKernel, KVCache
+from optkit.interfaces import AttentionKernel, Head, KVCache, LinearFactory, NormFactory, TokenEmbedding
 from optkit.model import Attention, Decoder, DecoderLayer, Model
+from optkit.registry import Registry
 from optkit.spec import AUTO, DECODER_COMPONENTS, ComponentRef, DecoderSpec, ModelSpec, load_spec, validate_spec
 
 log = logging.getLogger("optkit")
@@ -25,14 +26,17 @@ AUTO_KINDS = ("attention", "linear", "kv_cache")
 
 @dataclass
 class BuildContext:
-    """What a component factory sees: the spec, the target device/dtype, and helpers
-    to build the sub-components it receives (projections, norms)."""
+    """What a component factory sees: the spec, the target device/dtype, and the sub-components
+    built before it (the linear and norm factories every projection/norm comes from, and the token
+    embedding a tied head shares)."""
 
     spec: ModelSpec
-    registry: Any
+    registry: Registry
     device: torch.device
     dtype: torch.dtype
-    extras: dict[str, Any] = field(default_factory=dict)
+    linear_factory: LinearFactory | None = None
+    norm_factory: NormFactory | None = None
+    token_embedding: TokenEmbedding | None = None
 
     @property
     def decoder(self) -> DecoderSpec:
@@ -48,13 +52,17 @@ class BuildContext:
         return entry.factory(params, self)
 
     def linear(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
-        return self.extras["linear"](in_features, out_features, bias=bias)
+        if self.linear_factory is None:
+            self.linear_factory = self.create("linear")
+        return self.linear_factory(in_features, out_features, bias=bias)
 
     def norm(self, dim: int) -> nn.Module:
-        return self.extras["norm"](dim)
+        if self.norm_factory is None:
+            self.norm_factory = self.create("norm")
+        return self.norm_factory(dim)
 
 
-def _resolve_auto(spec: ModelSpec, registry: Any, device: torch.device, dtype: torch.dtype) -> ModelSpec:
+def _resolve_auto(spec: ModelSpec, registry: Registry, device: torch.device, dtype: torch.dtype) -> ModelSpec:
     choices = {}
     for kind in AUTO_KINDS:
         if getattr(spec.decoder, kind).name == AUTO:
@@ -64,7 +72,7 @@ def _resolve_auto(spec: ModelSpec, registry: Any, device: torch.device, dtype: t
     return spec.with_components(registry=registry, **choices) if choices else spec
 
 
-def _check_usable(spec: ModelSpec, registry: Any, device: torch.device, dtype: torch.dtype) -> None:
+def _check_usable(spec: ModelSpec, registry: Registry, device: torch.device, dtype: torch.dtype) -> None:
     problems = []
     for kind in DECODER_COMPONENTS + ("head",):
         ref = spec.head if kind == "head" else getattr(spec.decoder, kind)
@@ -74,6 +82,14 @@ def _check_usable(spec: ModelSpec, registry: Any, device: torch.device, dtype: t
     if problems:
         raise BackendUnavailableError(
             f"cannot build this model on {device.type} in {str(dtype).removeprefix('torch.')}: " + " | ".join(problems))
+
+
+def build_head(model: Model, device: torch.device, dtype: torch.dtype) -> Head:
+    """A freshly initialised head for ``model`` (its spec's head, from its registry)."""
+    ctx = BuildContext(spec=model.spec, registry=model.registry, device=device, dtype=dtype,
+                       token_embedding=model.decoder.embed_tokens)
+    with torch.device(device):
+        return ctx.create("head")
 
 
 def _layer(ctx: BuildContext) -> DecoderLayer:
@@ -102,7 +118,7 @@ def _decoder(ctx: BuildContext) -> Decoder:
 
 
 def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None = None,
-          device: torch.device | str | None = None, registry: Any = None,
+          device: torch.device | str | None = None, registry: Registry | None = None,
           target_device: torch.device | str | None = None, **component_overrides: Any) -> Model:
     """Build a model from a spec (or preset name / YAML path) with fresh weights.
 
@@ -124,19 +140,17 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
         _check_usable(spec, registry, target, dtype)
     ctx = BuildContext(spec=spec, registry=registry, device=device, dtype=dtype)
     with torch.device(device):
-        ctx.extras["linear"] = ctx.create("linear")
-        ctx.extras["norm"] = ctx.create("norm")
         decoder = _decoder(ctx)
-        ctx.extras["token_embedding"] = decoder.embed_tokens
+        ctx.token_embedding = decoder.embed_tokens
         head = ctx.create("head")
-        model = Model(decoder=decoder, head=head, spec=spec)
+        model = Model(decoder=decoder, head=head, spec=spec, registry=registry)
     return model.to(dtype=dtype)
 
 
 def make_cache(model: Model, *, batch_size: int, max_length: int | None = None, kind: str | None = None,
-               registry: Any = None, **params: Any) -> KVCache:
-    if registry is None:
-        from optkit import registry
+               registry: Registry | None = None, **params: Any) -> KVCache:
+    """A fresh KV cache for ``model`` from its own registry (or ``registry``)."""
+    registry = model.registry if registry is None else registry
     d = model.spec.decoder
     ref = ComponentRef(name=kind, params=params) if kind else d.kv_cache
     if ref.name == AUTO:
@@ -147,11 +161,14 @@ def make_cache(model: Model, *, batch_size: int, max_length: int | None = None, 
                    num_heads=d.num_heads, head_dim=d.head_dim, dtype=model.dtype, device=model.device)
 
 
-def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, registry: Any = None,
+def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, registry: Registry | None = None,
                 **others: Any) -> Model:
-    """Swap the attention backend of a loaded model in place; weights are untouched."""
-    if registry is None:
-        from optkit import registry
+    """Swap the attention backend of a loaded model in place; weights are untouched.
+
+    The new kernel comes from ``registry`` when given (and the model remembers it), else from the
+    registry that built the model.
+    """
+    registry = model.registry if registry is None else registry
     if others:
         raise SpecValidationError([f"{kind}: set_backend swaps attention only; rebuild the model to change "
                                    f"{kind} (optkit.from_pretrained(..., {kind}=...))" for kind in others])
@@ -165,5 +182,5 @@ def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, 
     for layer in model.decoder.layers:
         kernel: AttentionKernel = ctx.create("attention")
         layer.self_attn.kernel = kernel.to(device)
-    model.spec = spec
+    model.spec, model.registry = spec, registry
     return model

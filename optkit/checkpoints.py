@@ -206,13 +206,9 @@ def _place(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def _fresh_head_state(model: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    from optkit import registry
-    from optkit.builder import BuildContext
+    from optkit.builder import build_head
 
-    ctx = BuildContext(spec=model.spec, registry=registry, device=device, dtype=dtype)
-    ctx.extras["token_embedding"] = model.decoder.embed_tokens
-    with torch.device(device):
-        head = ctx.create("head")
+    head = build_head(model, device, dtype)
     return {f"head.{k}": v.to(dtype) for k, v in head.state_dict().items()}
 
 
@@ -263,7 +259,9 @@ def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention
     spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
     model = build(spec, dtype=dtype, device="meta", target_device=device)
     load_weights(model, raw, device=device, dtype=dtype, source=source)
-    return model.eval()
+    from optkit.inference import prepare
+
+    return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from optkit.decode_graph import decode_step, unsupported_reason
+from optkit.inference import session_for, unsupported_reason
 from optkit.errors import InputError
 
 if TYPE_CHECKING:
+    from optkit.inference import DecodeStep
     from optkit.interfaces import KVCache
     from optkit.model import Model
 
@@ -287,7 +288,8 @@ def _forward_last(model: Model, ids: Tensor, mask: Tensor | None, cache: KVCache
     ``mask`` is None when nothing is padded: positions are then just the cache length, with no
     per-step mask work and no host synchronisation.
     """
-    out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                check_inputs=False)  # generate checked the prompt; new ids come from the vocabulary
     return out.logits[:, -1].float()
 
 
@@ -321,12 +323,18 @@ class _StopCheck:
 
 def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
                       generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
-    step = None
     if s.decode_graph and s.max_length > ids.shape[1] + 1:
-        step = decode_step(model, ids.shape[0], s.max_length, s.cache_implementation, compiled=s.compile)
-        cache = step.cache
-    else:
-        cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
+        session = session_for(model)
+        with session.decode_step(model, ids.shape[0], s.max_length, s.cache_implementation, s.compile) as step:
+            return _decode_loop(model, ids, mask, s, processors, generator, streamer, step.cache, step)
+    cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
+    return _decode_loop(model, ids, mask, s, processors, generator, streamer, cache, None)
+
+
+def _decode_loop(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
+                 generator: torch.Generator | None, streamer: Streamer | None, cache: KVCache,
+                 step: DecodeStep | None) -> Tensor:
+    """Prefill, then one token per iteration: through ``step`` (device-side state) or the plain forward."""
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     padded = not bool(mask.all())
@@ -481,11 +489,10 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, max_new_tokens:
         pad = eos[0]  # as transformers: finished rows need some filler
     problems = _input_problems(input_ids, attention_mask)
     _raise(problems)
-    if model.check_inputs:
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= decoder.vocab_size:
-            problems.append(f"input_ids: token id {low if low < 0 else high} is outside the vocabulary "
-                            f"(0..{decoder.vocab_size - 1}); was the text encoded with another tokenizer?")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= decoder.vocab_size:
+        problems.append(f"input_ids: token id {low if low < 0 else high} is outside the vocabulary "
+                        f"(0..{decoder.vocab_size - 1}); was the text encoded with another tokenizer?")
     prompt_length = input_ids.shape[1]
     problems += _length_problems(prompt_length, max_new_tokens, max_length, min_new_tokens, decoder.max_positions)
     problems += _sampling_problems(do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
@@ -568,16 +575,10 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     processors = build_processors(s, ids.shape[1], prompt_start=(mask != 0).int().argmax(dim=1))
     if streamer is not None:
         streamer.put(ids.cpu())
-    if not model.training:
-        model.fuse_projections()  # one GEMM for q, k and v where the linear backend gains from it
-    checked, model.check_inputs = model.check_inputs, False  # ids were checked above; new ids are in range
-    try:
-        if s.num_beams > 1:
-            output = _beam_search(model, ids, mask, s, processors, generator)
-        else:
-            output = _greedy_or_sample(model, ids, mask, s, processors, generator, streamer)
-    finally:
-        model.check_inputs = checked
+    if s.num_beams > 1:
+        output = _beam_search(model, ids, mask, s, processors, generator)
+    else:
+        output = _greedy_or_sample(model, ids, mask, s, processors, generator, streamer)
     if streamer is not None:
         streamer.end()
     return output

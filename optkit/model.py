@@ -7,9 +7,8 @@ never changes when a backend is swapped.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +28,17 @@ from optkit.interfaces import (
 from optkit.outputs import ModelOutput
 from optkit.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from optkit import Registry
+
 
 class Attention(nn.Module):
-    """Multi-head self-attention: owns q/k/v/out projections, delegates the kernel."""
+    """Multi-head self-attention: owns q/k/v/out projections, delegates the kernel.
+
+    This is the reference: three projections, q scaled as the spec says, then the kernel.
+    ``optkit.inference.prepare`` swaps in a subclass that computes the same thing faster
+    (``project`` and ``scale_query`` are the two steps it overrides).
+    """
 
     def __init__(self, *, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, out_proj: nn.Module,
                  kernel: AttentionKernel, num_heads: int, head_dim: int, query_scaling: str, dropout: float):
@@ -41,71 +48,20 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scaling = head_dim**-0.5
         self.query_scaling = query_scaling
-        # OPT scales q after its projection. When the scale is a power of two (head_dim 64, 256, ...)
-        # handing it to the kernel instead is bit-identical and saves one pass over q per layer.
-        self.scale_in_kernel = query_scaling != "projection" or math.frexp(self.scaling)[0] == 0.5
         self.dropout = dropout
-        self.fusable = True  # may fuse_projections() lay q/k/v out for one GEMM (set False to keep them apart)
-        self._qkv: tuple[Tensor, Tensor | None, nn.Module] | None = None
 
-    def fuse_projections(self) -> bool:
-        """Move the q/k/v weights (and biases) into one buffer, so inference computes all three in one GEMM.
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-        The parameters stay the same objects with the same values, now views of that buffer: no
-        extra memory, state_dict unchanged. Qualify: three projections of one class that is either
-        ``nn.Linear`` on a GPU (on a CPU torch's GEMV gains nothing from it) or an ``nn.Linear``
-        subclass that sets ``concatenable = True`` (its ``cls(in, out, bias=...)`` given stacked
-        weights computes stacked outputs, e.g. the oneDNN linear). Whatever later replaces a weight's
-        storage (``.to()``, ``load_state_dict(assign=True)``) silently turns fusion off again;
-        in-place updates keep it.
+    def scale_query(self, query: Tensor) -> tuple[Tensor, float]:
+        """The query and the scale the kernel applies to the scores.
+
+        OPT (``query_scaling: projection``) scales q right after q_proj, bias included, and the
+        kernel gets 1.0; ``query_scaling: scores`` leaves the whole scale to the kernel.
         """
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        kind = type(parts[0])
-        if not self.fusable or any(type(p) is not kind for p in parts) or not issubclass(kind, nn.Linear) or \
-                len({p.bias is None for p in parts}) != 1 or len({p.weight.device for p in parts}) != 1:
-            return False
-        if not getattr(kind, "concatenable", False) and (kind is not nn.Linear or parts[0].weight.device.type == "cpu"):
-            return False
-        if self._fused() is not None:
-            return True
-        with torch.no_grad():
-            weight = torch.cat([p.weight for p in parts])
-            bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
-            sizes = [p.out_features for p in parts]
-            for part, w, b in zip(parts, weight.split(sizes), bias.split(sizes) if bias is not None else sizes):
-                part.weight.data = w
-                if bias is not None:
-                    part.bias.data = b
-                if callable(getattr(part, "weights_changed", None)):
-                    part.weights_changed()  # e.g. drop a packed copy of the old storage
-            with torch.device("meta"):
-                layer = kind(parts[0].in_features, weight.shape[0], bias=bias is not None)
-            layer.weight = nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                layer.bias = nn.Parameter(bias, requires_grad=False)
-        object.__setattr__(self, "_qkv", (weight, bias, layer.eval()))  # not a submodule: no new state_dict keys
-        return True
-
-    def _fused(self) -> nn.Module | None:
-        """The fused q/k/v layer while the projections still live in its weight (inference only)."""
-        if self._qkv is None or torch.is_grad_enabled():
-            return None
-        weight, bias, layer = self._qkv
-        if torch.compiler.is_compiling():  # generate() ran this check eagerly just before compiling
-            return layer
-        for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
-            if part.weight.data_ptr() != weight[offset].data_ptr() or \
-                    (bias is not None and part.bias.data_ptr() != bias[offset:].data_ptr()):
-                object.__setattr__(self, "_qkv", None)  # the weights moved out: drop the stale buffer
-                return None
-        return layer
-
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        fused = self._fused()
-        if fused is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-        return fused(x).split(sizes, dim=-1)
+        if self.query_scaling == "projection":
+            return query * self.scaling, 1.0
+        return query, self.scaling
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -114,11 +70,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, *, mask: AttentionMask, positional: PositionalEmbedding, position_ids: Tensor,
                 cache: KVCache | None, layer_idx: int, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         batch, length, _ = x.shape
-        query, key, value = self._project(x)
-        if self.scale_in_kernel:
-            kernel_scale = self.scaling
-        else:  # OPT: after q_proj (bias included), before q k^T
-            query, kernel_scale = query * self.scaling, 1.0
+        query, key, value = self.project(x)
+        query, kernel_scale = self.scale_query(query)
         query, key, value = self._heads(query), self._heads(key), self._heads(value)
         query, key = positional.rotate(query, key, position_ids)
         if cache is not None:
@@ -183,7 +136,13 @@ class Decoder(nn.Module):
 
     def forward(self, *, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
                 position_ids: Tensor | None, cache: KVCache | None, output_hidden_states: bool,
-                output_attentions: bool, attention: AttentionMask | None = None) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+                output_attentions: bool, mask: AttentionMask | None = None,
+                ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        """Final hidden states (+ per-layer states and attention weights when asked).
+
+        ``mask``: a ready :class:`AttentionMask` instead of one derived from ``attention_mask`` and the
+        cache (the CUDA-graph decode step keeps its mask in device buffers and passes it here).
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else self.embed_tokens.embed_inputs(inputs_embeds)
         batch, length = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
@@ -194,8 +153,8 @@ class Decoder(nn.Module):
         additive = self.embed_positions.additive(position_ids)
         if additive is not None:
             x = x + additive.to(x.dtype)
-        # ``attention``: a mask kept in device buffers by the CUDA-graph decode path (optkit.decode_graph)
-        mask = attention if attention is not None else self._mask(attention_mask, batch, length, past, cache)
+        if mask is None:
+            mask = self._mask(attention_mask, batch, length, past, cache)
 
         hidden_states: list[Tensor] = []
         attentions: list[Tensor] = []
@@ -261,15 +220,20 @@ class Decoder(nn.Module):
 class Model(nn.Module):
     """An optkit model: decoder + head, called with transformers' keyword arguments."""
 
-    def __init__(self, *, decoder: Decoder, head: Head, spec: ModelSpec):
+    def __init__(self, *, decoder: Decoder, head: Head, spec: ModelSpec, registry: Registry):
         super().__init__()
         self.decoder = decoder
         self.head = head
         self.spec = spec
-        self.check_inputs = True  # id range / shape checks; the fast decode path may turn them off
+        # The registry that built this model: caches, backend swaps and fresh heads come from it,
+        # never silently from the global plugins.
+        self.registry = registry
+        # Graphs and compiled steps that generate() reuses; set by optkit.inference.prepare, dropped
+        # by optkit.inference.restore (or by assigning None).
+        self.inference_session: Any = None
 
     # -- inputs -----------------------------------------------------------------------------
-    def _check(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> None:
+    def _check(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, check_ids: bool) -> None:
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -277,7 +241,7 @@ class Model(nn.Module):
                 raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32):
                 raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            if self.check_inputs and input_ids.numel():
+            if check_ids and input_ids.numel():
                 low, high = int(input_ids.min()), int(input_ids.max())
                 vocab = self.spec.decoder.vocab_size
                 if low < 0 or high >= vocab:
@@ -291,7 +255,7 @@ class Model(nn.Module):
 
     def _check_positions(self, position_ids: Tensor) -> None:
         """Positions a lookup table cannot hold fail here, with the fix, not as an IndexError deep inside."""
-        valid = getattr(self.decoder.embed_positions, "position_range", None)
+        valid = self.decoder.embed_positions.position_range
         if valid is None or not position_ids.numel():
             return
         low, high = int(position_ids.min()), int(position_ids.max())
@@ -302,9 +266,7 @@ class Model(nn.Module):
                              f"{self.decoder.max_positions}")
 
     def _check_attention_weights(self) -> None:
-        from optkit import registry
-
-        name = self.attention_backend
+        name, registry = self.attention_backend, self.registry
         if ("attention", name) in registry and not registry.get("attention", name).capabilities.attention_weights:
             able = [r.name for r in registry.registrations("attention") if r.capabilities.attention_weights]
             raise InputError(f"attention backend '{name}' cannot return attention weights; "
@@ -314,25 +276,24 @@ class Model(nn.Module):
         """Recompute every layer during backward instead of storing its activations."""
         self.decoder.gradient_checkpointing = enabled
 
-    def fuse_projections(self) -> int:
-        """Fuse each layer's q/k/v into one GEMM where the linear backend gains from it (see
-        ``Attention.fuse_projections``); returns how many layers are fused. ``generate`` calls it."""
-        return sum(layer.self_attn.fuse_projections() for layer in self.decoder.layers)
-
     def new_cache(self, batch_size: int, max_length: int | None = None, kind: str | None = None,
                   **params: Any) -> KVCache:
-        """A fresh KV cache from the spec's kv_cache component (or ``kind``)."""
+        """A fresh KV cache from the spec's kv_cache component (or ``kind``), from this model's registry."""
         from optkit.builder import make_cache
 
-        return make_cache(self, batch_size=batch_size, max_length=max_length, kind=kind, **params)
+        return make_cache(self, batch_size=batch_size, max_length=max_length, kind=kind, registry=self.registry,
+                          **params)
 
     def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool | None = None, labels: Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False, logits_to_keep: int | Tensor = 0,
-                start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> ModelOutput:
-        self._check(input_ids, inputs_embeds)
-        if position_ids is not None and self.check_inputs:
+                start_positions: Tensor | None = None, end_positions: Tensor | None = None,
+                check_inputs: bool = True) -> ModelOutput:
+        """transformers' keywords; ``check_inputs=False`` skips the id/position range checks (each costs a
+        host synchronisation) for ids the caller has already checked, e.g. generate's own new tokens."""
+        self._check(input_ids, inputs_embeds, check_inputs)
+        if position_ids is not None and check_inputs:
             self._check_positions(position_ids)
         if output_attentions:
             self._check_attention_weights()

@@ -119,6 +119,10 @@ class Registry:
         self._provider: Provider | None = None
         self.plugins: list[PluginRecord] = []
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Registry":
+        """A registry is a shared service, not model state: a copied model keeps using the same one."""
+        return self
+
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
         if self._loaded:

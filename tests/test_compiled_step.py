@@ -17,7 +17,9 @@ from hf_oracle import batch, saved_pair
 from torch._inductor.utils import run_and_get_code
 
 import optkit
-from optkit import decode_graph
+from optkit import inference
+from optkit.inference import DecodeStep, decode_graph
+from optkit.inference.compiled import compile_step, inductor_with_gemv
 from optkit.errors import InputError
 from optkit.generation import _forward_last
 
@@ -57,10 +59,11 @@ def test_compiled_step_logits_equal_the_plain_steps(pair):
     ids, mask = batch(5, batch_size=1, length=7)
     total = ids.shape[1] + 6
     plain_cache = model.new_cache(1, max_length=total, kind="static")
-    step = decode_graph.decode_step(model, 1, total, "static", compiled=True)
-    assert step.cache.max_length == decode_graph.COMPILED_LENGTH_STEP  # rounded up: fewer recompilations
+    length = decode_graph.padded_length(total, compiled=True)
+    assert length == decode_graph.COMPILED_LENGTH_STEP  # rounded up: fewer recompilations
+    step = DecodeStep(model, model.new_cache(1, max_length=length, kind="static"), 1, run=compile_step())
     with torch.no_grad():
-        model.fuse_projections()
+        inference.prepare(model)
         first = _forward_last(model, ids, mask, plain_cache)
         _forward_last(model, ids, mask, step.cache)
         step.start(mask)
@@ -74,7 +77,7 @@ def test_compiled_step_logits_equal_the_plain_steps(pair):
 
 
 def one_row_code(module, x):
-    compiled = torch.compile(module, backend=decode_graph.inductor_with_gemv, dynamic=False)
+    compiled = torch.compile(module, backend=inductor_with_gemv, dynamic=False)
     with torch.no_grad():
         out, code = run_and_get_code(compiled, x)
     return out, code[0][code[0].index("def call"):]
@@ -132,7 +135,7 @@ def test_cuda_compiled_graph_equals_the_plain_loop(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail instead
             compiled = greedy(model, ids, mask, compile=True)
-        assert decode_graph._KEPT[model][1].graph is not None, "the compiled step was not captured"
+        assert model.inference_session.kept_step.graph is not None, "the compiled step was not captured"
         assert torch.equal(compiled, greedy(model, ids, mask, decode_graph=False))
         assert torch.equal(compiled, hf_greedy(hf, ids, mask))
         assert torch.equal(greedy(model, ids, mask, compile=True), compiled)  # the kept graph, replayed

@@ -1,4 +1,4 @@
-"""The device-state decode step (optkit.decode_graph) computes what the plain decode loop computes.
+"""The device-state decode step (optkit.inference.decode_graph) computes what the plain decode loop computes.
 
 On CPU the step runs eagerly: same logits, same tokens as the reference loop and as transformers,
 for padded batches, sampling, EOS and both families. The CUDA tests (marker ``cuda``) replay the
@@ -15,7 +15,8 @@ from hf_oracle import batch, saved_pair
 from test_open_llama import llama_plugin, tiny_model
 
 import optkit
-from optkit import decode_graph
+from optkit import inference
+from optkit.inference import DecodeStep, decode_graph
 from optkit.errors import InputError
 from optkit.generation import _forward_last
 
@@ -50,7 +51,7 @@ def test_step_logits_equal_the_plain_steps(pair):
     ids, mask = batch(2, batch_size=3, length=6)
     total = ids.shape[1] + 6
     plain_cache = model.new_cache(3, max_length=total, kind="static")
-    step = decode_graph.decode_step(model, 3, total, "static")
+    step = DecodeStep(model, model.new_cache(3, max_length=total, kind="static"), 3)
     with torch.no_grad():
         first = _forward_last(model, ids, mask, plain_cache)
         assert torch.equal(_forward_last(model, ids, mask, step.cache), first)
@@ -141,7 +142,7 @@ def test_cpu_default_is_the_plain_loop(pair, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the step path ran on CPU without being asked for")
 
-    monkeypatch.setattr("optkit.generation.decode_step", refuse)
+    monkeypatch.setattr("optkit.generation.session_for", refuse)
     ids, mask = batch(1, batch_size=2, length=5)
     assert model.generate(ids, attention_mask=mask, max_new_tokens=3).shape == (2, 8)
 
@@ -156,64 +157,6 @@ def test_fingerprint_changes_when_modules_or_storage_change(pair):
     model.to(torch.float64)
     assert decode_graph._fingerprint(model) != swapped
     model.to(torch.float32)
-
-
-def test_fused_projections_compute_the_same_and_stay_invisible(tmp_path):
-    """One buffer for q/k/v: same parameters, same state_dict, same logits; moved weights turn it off."""
-    model = optkit.build("opt-tiny", attention="sdpa", linear="onednn").eval()  # onednn: concatenable on CPU
-    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
-    attn = model.decoder.layers[0].self_attn
-    params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias]
-    with torch.no_grad():
-        before = model(ids).logits
-        assert model.fuse_projections() == len(model.decoder.layers)
-        assert attn._fused() is not None
-        after = model(ids).logits
-    assert all(a is b for a, b in zip([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias], params))
-    assert attn.k_proj.weight.data_ptr() == attn._qkv[0][attn.q_proj.out_features].data_ptr()
-    assert float((after - before).abs().max()) <= 1e-6
-    assert torch.equal(model.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6))
-    model.save_pretrained(tmp_path / "fused")  # views that share storage are written as plain tensors
-    with torch.no_grad():
-        reloaded = optkit.from_pretrained(tmp_path / "fused", attention="sdpa", linear="onednn")
-        assert torch.equal(reloaded(ids).logits, before)
-        assert attn._fused() is not None
-    with torch.enable_grad():  # training uses the separate projections: gradients reach each parameter
-        model(ids).logits.sum().backward()
-    assert attn.q_proj.weight.grad is not None and attn.v_proj.bias.grad is not None
-    model.to(torch.float64)
-    with torch.no_grad():
-        assert attn._fused() is None and attn._qkv is None
-        assert float((model(ids).logits.float() - before).abs().max()) <= 1e-5
-
-
-def test_projections_are_fused_only_where_it_pays_and_is_allowed():
-    model = optkit.build("opt-tiny", linear="onednn").eval()
-    attn = model.decoder.layers[0].self_attn
-    attn.fusable = False
-    assert not attn.fuse_projections() and attn._qkv is None
-    attn.fusable = True
-    attn.k_proj = torch.nn.Sequential(attn.k_proj)
-    assert not attn.fuse_projections()
-    plain = optkit.build("opt-tiny").eval().decoder.layers[0].self_attn
-    assert not plain.fuse_projections()  # torch's CPU GEMV is no faster on stacked weights
-
-
-def test_generate_fuses_where_it_pays_and_gives_the_same_tokens():
-    model = optkit.build("opt-tiny", attention="sdpa", linear="onednn").eval()
-    ids = torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        unfused = [model(ids).logits]
-    for layer in model.decoder.layers:
-        layer.self_attn.fusable = False
-    expected = model.generate(ids, max_new_tokens=8, min_new_tokens=8)
-    assert model.decoder.layers[0].self_attn._qkv is None
-    for layer in model.decoder.layers:
-        layer.self_attn.fusable = True
-    assert torch.equal(model.generate(ids, max_new_tokens=8, min_new_tokens=8), expected)
-    assert model.decoder.layers[0].self_attn._qkv is not None
-    with torch.no_grad():
-        assert float((model(ids).logits - unfused[0]).abs().max()) <= 1e-5
 
 
 def test_a_mask_converts_once_per_dtype_and_device():
@@ -242,8 +185,8 @@ def test_cuda_graph_replay_equals_the_plain_loop(tmp_path, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture warns: fail instead
         graphed = greedy(model, ids, mask)
-    kept_key, step = decode_graph._KEPT[model]
-    assert step.graph is not None, "the decode step was not captured"
+    step = model.inference_session.kept_step
+    assert step is not None and step.graph is not None, "the decode step was not captured"
     plain = greedy(model, ids, mask, decode_graph=False)
     if dtype == torch.float32:
         assert torch.equal(graphed, plain)
@@ -253,10 +196,10 @@ def test_cuda_graph_replay_equals_the_plain_loop(tmp_path, dtype):
     else:  # fp16 kernels may differ in the last bit between mask shapes: most tokens agree
         assert float((graphed == plain).float().mean()) >= 0.9
     again = greedy(model, ids, mask)  # replays the kept graph with a reset cache
-    assert decode_graph._KEPT[model][1] is step and torch.equal(again, graphed)
+    assert model.inference_session.kept_step is step and torch.equal(again, graphed)
     optkit.set_backend(model, attention="eager")  # new kernel modules: a new capture
     greedy(model, ids, mask)
-    assert decode_graph._KEPT[model][1] is not step
+    assert model.inference_session.kept_step is not step
 
 
 @pytest.mark.cuda
@@ -272,7 +215,8 @@ def test_cuda_fused_relu_and_projections_equal_the_plain_modules():
     ids = torch.randint(3, 500, (2, 7), device="cuda")
     with torch.no_grad():
         before = model(ids).logits
-        assert all(layer.self_attn.fuse_projections() for layer in model.decoder.layers)
+        inference.prepare(model)
+        assert all(layer.self_attn.stacked for layer in model.decoder.layers)
         assert float((model(ids).logits - before).abs().max()) <= 1e-4
 
 

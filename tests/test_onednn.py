@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import optkit
+from optkit import inference
 
 pytestmark = pytest.mark.skipif(bool(optkit.registry.get("linear", "onednn").unavailable_reasons("cpu", torch.float32)),
                                 reason="oneDNN is not available in this torch build")
@@ -76,7 +77,9 @@ def test_fusing_q_k_v_frees_the_packed_copies_of_the_old_weights():
     with torch.no_grad():
         before = model(ids).logits  # packs q, k and v separately
     assert attn.q_proj._packed._packed is not None
-    assert attn.fuse_projections()
+    inference.prepare(model)
+    attn = model.decoder.layers[0].self_attn
+    assert attn.stacked
     assert all(p._packed._packed is None for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     with torch.no_grad():
         assert float((model(ids).logits - before).abs().max()) <= 1e-5

@@ -8,11 +8,18 @@ swappable without touching a single checkpoint key.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import math
 from typing import NamedTuple
 
 from torch import Tensor, nn
 
 from optkit.interfaces.mask import AttentionMask
+
+
+def is_power_of_two(scale: float) -> bool:
+    """Scaling by a power of two is exact in floating point: q * scale and (q k^T) * scale give the
+    same bits, so the scale may be applied to whichever is cheaper (or safer for fp16 range)."""
+    return scale > 0 and math.frexp(scale)[0] == 0.5
 
 
 class AttentionResult(NamedTuple):
@@ -24,7 +31,9 @@ class AttentionKernel(nn.Module, ABC):
     """Computes softmax(scale * q k^T, masked) v.
 
     Tensors arrive as ``(batch, heads, len, head_dim)``. ``scale`` is what the kernel
-    must apply to the scores: OPT pre-scales q in the core and passes ``scale=1.0``.
+    must apply to the scores: the reference OPT block pre-scales q and passes ``scale=1.0``; the
+    prepared block (``optkit.inference``) passes ``head_dim**-0.5`` instead when that is a power of
+    two (bit-identical), and ``query_scaling: scores`` specs always pass it.
     Fully masked query rows must come out as zeros, never NaN.
     """
 

@@ -46,6 +46,19 @@ class KVCache(ABC):
         """Select batch rows (beam search)."""
         raise NotImplementedError(f"{type(self).__name__} cannot reorder its batch")
 
+    def reset(self) -> None:
+        """Forget every stored token but keep the memory, so the cache can serve a new sequence.
+
+        Optional: ``optkit.inference`` keeps a captured decode step (and its cache) for the next
+        ``generate`` call only when the cache implements this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be reset; make a new one")
+
+    @classmethod
+    def can_reset(cls) -> bool:
+        """Whether this cache class implements :meth:`reset`."""
+        return cls.reset is not KVCache.reset
+
 
 class KVCacheFactory(Protocol):
     """What a ``kv_cache`` registration builds: a recipe for fresh caches."""

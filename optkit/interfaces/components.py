@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -32,6 +32,15 @@ class PositionalEmbedding(nn.Module, ABC):
 
     max_positions: int | None = None
 
+    @property
+    def position_range(self) -> tuple[int, int] | None:
+        """The valid ``position_ids`` (inclusive), when a lookup table limits them; None: any.
+
+        The model checks user-given positions against it, so an out-of-range id fails with the fix
+        instead of an IndexError inside the table.
+        """
+        return None
+
     def additive(self, position_ids: Tensor) -> Tensor | None:
         """Vectors added to the token embeddings, or None."""
         return None
@@ -55,6 +64,31 @@ class LinearFactory(Protocol):
     """Builds one projection. Quantized backends (int8) plug in here."""
 
     def __call__(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module: ...
+
+
+@runtime_checkable
+class HeadMatmul(Protocol):
+    """Optional: a linear factory that also multiplies by a weight it does not own.
+
+    The tied LM head's weight is the token embedding's, not a projection's; a backend with its own
+    kernel (oneDNN's packed GEMV) offers it here so the head, the largest product of a decode step,
+    uses it too. ``matmul_cache()`` makes the per-head state ``matmul`` may keep (a packed copy).
+    """
+
+    def matmul_cache(self) -> Any: ...
+
+    def matmul(self, x: Tensor, weight: Tensor, cache: Any) -> Tensor: ...
+
+
+class StackableLinear(nn.Linear):
+    """Optional base of a linear class whose instances may be stacked into one by ``optkit.inference``.
+
+    Built as ``cls(in_features, sum(outs), bias=...)`` and given the stacked weights, it must compute
+    the stacked outputs (plain ``nn.Linear`` does). Inference then computes q, k and v with one GEMM.
+    """
+
+    def weights_changed(self) -> None:
+        """The weight's storage was replaced in place (moved into a stacked buffer): drop derived copies."""
 
 
 class NormFactory(Protocol):
@@ -81,6 +115,7 @@ class Head(nn.Module, ABC):
     """
 
     checkpoint_prefix: str = ""
+    tied: bool = False  # True: the head's weight IS the token embedding's (saved once, re-shared on load)
 
     @abstractmethod
     def forward(self, hidden_states: Tensor, inputs: HeadInputs) -> dict[str, Any]: ...

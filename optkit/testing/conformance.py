@@ -511,10 +511,12 @@ def check_model_logits(subject: Subject) -> str:
 
 
 def _tiny_pair(subject: Subject) -> tuple[Any, Any]:
-    """The tiny model with this backend, and the same weights with eager."""
+    """The tiny model with this backend, prepared for inference as loaded models are (so the kernel also
+    gets the folded power-of-two scale), and the same weights in the plain eager model."""
     from optkit.builder import build
+    from optkit.inference import prepare
 
-    model = build(subject.spec(), registry=subject.registry, device=subject.device).eval()
+    model = prepare(build(subject.spec(), registry=subject.registry, device=subject.device).eval())
     reference = build(subject.spec("eager"), registry=subject.registry, device=subject.device).eval()
     try:
         reference.load_state_dict(model.state_dict())
@@ -566,8 +568,9 @@ def check_set_backend(subject: Subject) -> str:
     """optkit.set_backend swaps an eager model to this backend (and back) with equal logits."""
     _require_float32(subject)
     from optkit.builder import build, set_backend
+    from optkit.inference import prepare
 
-    model = build(subject.spec("eager"), registry=subject.registry, device=subject.device).eval()
+    model = prepare(build(subject.spec("eager"), registry=subject.registry, device=subject.device).eval())
     ids, attention_mask = _batch(model, padded=subject.entry.capabilities.padding)
     with torch.no_grad():
         before = model(ids, attention_mask=attention_mask)

@@ -7,14 +7,12 @@ rows that may attend to nothing.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import optkit
-from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
+from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult, is_power_of_two
 from optkit.registry import Capabilities
 
 OPTKIT_PLUGIN_API = 1
@@ -25,7 +23,7 @@ class EagerAttention(AttentionKernel):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, *, scale: float,
                 dropout_p: float = 0.0, need_weights: bool = False) -> AttentionResult:
-        if scale != 1.0 and math.frexp(scale)[0] == 0.5:
+        if scale != 1.0 and is_power_of_two(scale):
             # A power of two: scaling q first is exact, and keeps fp16 scores in the range transformers' OPT
             # (which scales q after its projection) keeps them in.
             query, scale = query * scale, 1.0

@@ -8,7 +8,8 @@ flash is unavailable (no library, no CUDA, an old GPU, float32). Masks map onto 
 * padding: `varlen.plan_varlen` packs the real rows and calls ``flash_attn_varlen_func`` (at most twice);
   pad positions are zero-filled, the contract every backend shares (never NaN).
 
-OPT pre-scales q, so the core passes ``scale=1.0``; it goes to flash-attn as ``softmax_scale`` unchanged.
+``scale`` goes to flash-attn as ``softmax_scale`` unchanged (1.0 from the reference OPT block, which pre-scales q;
+``head_dim**-0.5`` from the prepared block when that is a power of two -- see optkit.inference).
 """
 
 from __future__ import annotations

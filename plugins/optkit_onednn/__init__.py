@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import optkit
+from optkit import torch_internals
+from optkit.interfaces import StackableLinear
 from optkit.registry import Capabilities
 
 OPTKIT_PLUGIN_API = 1
@@ -25,7 +27,7 @@ def unavailable_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     reasons = []
     if not torch.backends.mkldnn.is_available():
         reasons.append("this torch build has no oneDNN (mkldnn)")
-    elif not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    elif not torch_internals.available("mkldnn_linear"):
         reasons.append(f"torch {torch.__version__} lacks torch.ops.mkldnn._linear_pointwise")
     return reasons
 
@@ -38,29 +40,33 @@ class PackedWeight:
         self._packed: Tensor | None = None
 
     def get(self, weight: Tensor) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        if key != self._key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=1)
+        version = torch_internals.tensor_version(weight)
+        key = (weight.data_ptr(), version, weight.dtype, tuple(weight.shape))
+        if version is None or key != self._key:  # no version counter: repack, never use a stale copy
+            self._packed = torch_internals.mkldnn_pack(weight)
             self._key = key
         return self._packed
 
 
 def packable(x: Tensor, weight: Tensor) -> bool:
-    """Inference on CPU in fp32/bf16 with matching dtypes; anything else takes torch's path."""
+    """Inference on CPU in fp32/bf16 with matching dtypes, on a torch that has the kernel; anything else
+    takes torch's public path (same values)."""
     return (not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)) \
-        and x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype and not weight.is_meta
+        and x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype and not weight.is_meta \
+        and torch_internals.available("mkldnn_linear")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, cache: PackedWeight) -> Tensor:
     if packable(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, cache.get(weight), bias, "none", [], "")
+        return torch_internals.mkldnn_linear(x, cache.get(weight), bias)
     return F.linear(x, weight, bias)
 
 
-class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose CPU inference runs on a oneDNN-packed copy of its weight."""
+class OneDNNLinear(StackableLinear):
+    """``nn.Linear`` whose CPU inference runs on a oneDNN-packed copy of its weight.
 
-    concatenable = True  # given stacked weights it computes stacked outputs: the core may fuse q/k/v (one GEMV)
+    Stackable: given stacked weights it computes stacked outputs, so inference may fuse q/k/v (one GEMV).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -70,7 +76,7 @@ class OneDNNLinear(nn.Linear):
         return linear(x, self.weight, self.bias, self._packed)
 
     def weights_changed(self) -> None:
-        """The core moved the weight into a fused buffer: free the packed copy of the old storage now."""
+        """Inference moved the weight into a stacked buffer: free the packed copy of the old storage now."""
         self._packed = PackedWeight()
 
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from optkit.errors import InputError
-from optkit.interfaces import Head, HeadInputs, TokenEmbedding
+from optkit.interfaces import Head, HeadInputs, HeadMatmul, LinearFactory, TokenEmbedding
 
 
 def keep_positions(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
@@ -39,12 +39,13 @@ class CausalLMHead(Head):
 
     checkpoint_prefix = "lm_head"
 
-    def __init__(self, embedding: TokenEmbedding, tied: bool, init_std: float, linear_factory: Any = None):
+    def __init__(self, embedding: TokenEmbedding, tied: bool, init_std: float,
+                 linear_factory: LinearFactory | None = None):
         super().__init__()
         self.tied = tied
         # A linear backend may offer its own matmul (e.g. oneDNN packing): the LM head is the largest GEMV.
-        self._matmul = getattr(linear_factory, "matmul", None)
-        self._matmul_cache = linear_factory.matmul_cache() if self._matmul is not None else None
+        self._matmul = linear_factory.matmul if isinstance(linear_factory, HeadMatmul) else None
+        self._matmul_cache = linear_factory.matmul_cache() if isinstance(linear_factory, HeadMatmul) else None
         if tied:
             self.weight = embedding.weight
         else:
@@ -165,8 +166,7 @@ def base_head(params, ctx) -> BaseHead:
 
 
 def causal_lm_head(params: CausalLMParams, ctx) -> CausalLMHead:
-    return CausalLMHead(ctx.extras["token_embedding"], params.tie_word_embeddings, ctx.decoder.init_std,
-                        ctx.extras.get("linear"))
+    return CausalLMHead(ctx.token_embedding, params.tie_word_embeddings, ctx.decoder.init_std, ctx.linear_factory)
 
 
 def sequence_classification_head(params: SequenceClassificationParams, ctx) -> SequenceClassificationHead:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from optkit import torch_internals
 from optkit.interfaces import MLP, Norm
 
 
@@ -61,7 +62,7 @@ class FeedForward(MLP):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._relu_in_gemm(x):  # cuBLASLt applies bias + ReLU in fc1's epilogue: one kernel fewer
-            hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t())
+            hidden = torch_internals.relu_addmm(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t())
             return self.fc2(hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.fc2(self._act(self.fc1(x)))
 

@@ -15,7 +15,7 @@ alignment is right (xformers' ``LowerTriangularMask`` is aligned top-left, which
   that still see keys). Queries that see nothing are never handed to xformers and come out as zeros.
 
 Layout: optkit hands (B, H, T, D); xformers wants (B, T, H, D) and accepts the transposed views as they are (it
-only needs a unit stride on the last dimension). ``scale`` goes through unchanged (OPT passes 1.0).
+only needs a unit stride on the last dimension). ``scale`` goes through unchanged (1.0 or a power of two for OPT; see docs/architecture.md).
 """
 
 from __future__ import annotations
