@@ -7,59 +7,21 @@ plus YAML, never an edit to this file.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel
-from torch import nn
 
+from optkit.context import BuildContext
 from optkit.errors import BackendUnavailableError, SpecValidationError
-from optkit.interfaces import AttentionKernel, Head, KVCache, LinearFactory, NormFactory, TokenEmbedding
+from optkit.interfaces import AttentionKernel, Head
 from optkit.model import Attention, Decoder, DecoderLayer, Model
 from optkit.registry import Registry
-from optkit.spec import AUTO, DECODER_COMPONENTS, ComponentRef, DecoderSpec, ModelSpec, load_spec, validate_spec
+from optkit.spec import AUTO, DECODER_COMPONENTS, ModelSpec, load_spec, validate_spec
+
+__all__ = ["AUTO_KINDS", "BuildContext", "build", "build_head", "set_backend"]
 
 log = logging.getLogger("optkit")
 AUTO_KINDS = ("attention", "linear", "kv_cache")
-
-
-@dataclass
-class BuildContext:
-    """What a component factory sees: the spec, the target device/dtype, and the sub-components
-    built before it (the linear and norm factories every projection/norm comes from, and the token
-    embedding a tied head shares)."""
-
-    spec: ModelSpec
-    registry: Registry
-    device: torch.device
-    dtype: torch.dtype
-    linear_factory: LinearFactory | None = None
-    norm_factory: NormFactory | None = None
-    token_embedding: TokenEmbedding | None = None
-
-    @property
-    def decoder(self) -> DecoderSpec:
-        return self.spec.decoder
-
-    def ref(self, kind: str) -> ComponentRef:
-        return self.spec.head if kind == "head" else getattr(self.spec.decoder, kind)
-
-    def create(self, kind: str, ref: ComponentRef | None = None) -> Any:
-        ref = ref or self.ref(kind)
-        entry = self.registry.get(kind, ref.name)
-        params: BaseModel = entry.params.model_validate(ref.params)
-        return entry.factory(params, self)
-
-    def linear(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
-        if self.linear_factory is None:
-            self.linear_factory = self.create("linear")
-        return self.linear_factory(in_features, out_features, bias=bias)
-
-    def norm(self, dim: int) -> nn.Module:
-        if self.norm_factory is None:
-            self.norm_factory = self.create("norm")
-        return self.norm_factory(dim)
 
 
 def _resolve_auto(spec: ModelSpec, registry: Registry, device: torch.device, dtype: torch.dtype) -> ModelSpec:
@@ -145,20 +107,6 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
         head = ctx.create("head")
         model = Model(decoder=decoder, head=head, spec=spec, registry=registry)
     return model.to(dtype=dtype)
-
-
-def make_cache(model: Model, *, batch_size: int, max_length: int | None = None, kind: str | None = None,
-               registry: Registry | None = None, **params: Any) -> KVCache:
-    """A fresh KV cache for ``model`` from its own registry (or ``registry``)."""
-    registry = model.registry if registry is None else registry
-    d = model.spec.decoder
-    ref = ComponentRef(name=kind, params=params) if kind else d.kv_cache
-    if ref.name == AUTO:
-        ref = ComponentRef(name=registry.select_auto("kv_cache", model.device, model.dtype).name)
-    ctx = BuildContext(spec=model.spec, registry=registry, device=model.device, dtype=model.dtype)
-    factory = ctx.create("kv_cache", ref)
-    return factory(batch_size=batch_size, max_length=max_length, max_positions=d.max_positions, num_layers=d.num_layers,
-                   num_heads=d.num_heads, head_dim=d.head_dim, dtype=model.dtype, device=model.device)
 
 
 def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, registry: Registry | None = None,

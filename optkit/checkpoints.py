@@ -259,7 +259,7 @@ def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention
     spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
     model = build(spec, dtype=dtype, device="meta", target_device=device)
     load_weights(model, raw, device=device, dtype=dtype, source=source)
-    from optkit.inference import prepare
+    from optkit.inference.transform import prepare
 
     return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
 

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from optkit.inference import session_for, unsupported_reason
+from optkit.inference.decode_graph import unsupported_reason
+from optkit.inference.session import session_for
 from optkit.errors import InputError
 
 if TYPE_CHECKING:
-    from optkit.inference import DecodeStep
+    from optkit.inference.decode_graph import DecodeStep
     from optkit.interfaces import KVCache
     from optkit.model import Model
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from optkit.context import BuildContext
 from optkit.errors import InputError
 from optkit.interfaces import (
     AttentionKernel,
@@ -22,11 +23,12 @@ from optkit.interfaces import (
     Head,
     HeadInputs,
     KVCache,
+    KVCacheFactory,
     PositionalEmbedding,
     TokenEmbedding,
 )
 from optkit.outputs import ModelOutput
-from optkit.spec import ModelSpec
+from optkit.spec import AUTO, ComponentRef, ModelSpec
 
 if TYPE_CHECKING:
     from optkit import Registry
@@ -279,10 +281,15 @@ class Model(nn.Module):
     def new_cache(self, batch_size: int, max_length: int | None = None, kind: str | None = None,
                   **params: Any) -> KVCache:
         """A fresh KV cache from the spec's kv_cache component (or ``kind``), from this model's registry."""
-        from optkit.builder import make_cache
-
-        return make_cache(self, batch_size=batch_size, max_length=max_length, kind=kind, registry=self.registry,
-                          **params)
+        d = self.spec.decoder
+        ref = ComponentRef(name=kind, params=params) if kind else d.kv_cache
+        if ref.name == AUTO:
+            ref = ComponentRef(name=self.registry.select_auto("kv_cache", self.device, self.dtype).name)
+        ctx = BuildContext(spec=self.spec, registry=self.registry, device=self.device, dtype=self.dtype)
+        factory: KVCacheFactory = ctx.create("kv_cache", ref)
+        return factory(batch_size=batch_size, max_length=max_length, max_positions=d.max_positions,
+                       num_layers=d.num_layers, num_heads=d.num_heads, head_dim=d.head_dim, dtype=self.dtype,
+                       device=self.device)
 
     def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,

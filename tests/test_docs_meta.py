@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from optkit.builder import BuildContext
+from optkit.context import BuildContext
 from optkit.interfaces import (
     MLP,
     AttentionKernel,

@@ -18,52 +18,27 @@ models it loads; ``optkit.build`` returns the plain model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import Any
 
-from optkit.inference.attention import PreparedAttention
-from optkit.inference.decode_graph import DecodeStep, unsupported_reason
-from optkit.inference.session import InferenceSession
-from optkit.model import Attention
-
-if TYPE_CHECKING:
-    from optkit.model import Model
-
-__all__ = ["DecodeStep", "InferenceSession", "PreparedAttention", "is_prepared", "prepare", "restore",
-           "session_for", "unsupported_reason"]
-
-
-def prepare(model: Model, *, stack_projections: bool = True) -> Model:
-    """Apply the inference transform in place (idempotent) and return the model.
-
-    ``stack_projections=False`` keeps q/k/v as three GEMMs (e.g. to measure what stacking gains).
-    """
-    for layer in model.decoder.layers:
-        attention = layer.self_attn
-        if isinstance(attention, PreparedAttention):
-            if stack_projections:
-                attention.stack_projections()
-        elif type(attention) is Attention:
-            layer.self_attn = PreparedAttention.from_reference(attention, stack=stack_projections)
-    if model.inference_session is None:
-        model.inference_session = InferenceSession()
-    return model
+# Exported lazily, as ``optkit`` itself does: ``generate`` needs the session and the decode step but
+# not the transform, which needs optkit.model -- and optkit.model's ``generate`` needs ``generate``.
+_LAZY = {
+    "DecodeStep": "optkit.inference.decode_graph",
+    "unsupported_reason": "optkit.inference.decode_graph",
+    "InferenceSession": "optkit.inference.session",
+    "session_for": "optkit.inference.session",
+    "PreparedAttention": "optkit.inference.attention",
+    "prepare": "optkit.inference.transform",
+    "restore": "optkit.inference.transform",
+    "is_prepared": "optkit.inference.transform",
+}
+__all__ = sorted(_LAZY)
 
 
-def restore(model: Model) -> Model:
-    """Undo :func:`prepare`: plain attention blocks over the same modules; kept graphs dropped."""
-    for layer in model.decoder.layers:
-        if isinstance(layer.self_attn, PreparedAttention):
-            layer.self_attn = layer.self_attn.to_reference()
-    if model.inference_session is not None:
-        model.inference_session.clear()
-    model.inference_session = None
-    return model
-
-
-def is_prepared(model: Model) -> bool:
-    return model.inference_session is not None
-
-
-def session_for(model: Model) -> InferenceSession:
-    """The model's session when it is prepared, else a fresh one for this call only."""
-    return model.inference_session or InferenceSession()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optkit.inference' has no attribute '{name}'")

@@ -81,3 +81,8 @@ class InferenceSession:
         """Drop the kept step (its graph and cache) and the compiled function."""
         with self._lock:
             self._kept, self._compiled = None, None
+
+
+def session_for(model: Model) -> InferenceSession:
+    """The model's session when it is prepared, else a fresh one for this call only."""
+    return model.inference_session or InferenceSession()

@@ -143,7 +143,7 @@ class Subject:
         return validate_spec(raw, registry=self.registry)
 
     def kernel(self, dtype: torch.dtype = torch.float32) -> AttentionKernel:
-        from optkit.builder import BuildContext
+        from optkit.context import BuildContext
 
         ctx = BuildContext(spec=self.spec(), registry=self.registry, device=self.device, dtype=dtype)
         kernel = ctx.create("attention")
@@ -514,7 +514,7 @@ def _tiny_pair(subject: Subject) -> tuple[Any, Any]:
     """The tiny model with this backend, prepared for inference as loaded models are (so the kernel also
     gets the folded power-of-two scale), and the same weights in the plain eager model."""
     from optkit.builder import build
-    from optkit.inference import prepare
+    from optkit.inference.transform import prepare
 
     model = prepare(build(subject.spec(), registry=subject.registry, device=subject.device).eval())
     reference = build(subject.spec("eager"), registry=subject.registry, device=subject.device).eval()
@@ -568,7 +568,7 @@ def check_set_backend(subject: Subject) -> str:
     """optkit.set_backend swaps an eager model to this backend (and back) with equal logits."""
     _require_float32(subject)
     from optkit.builder import build, set_backend
-    from optkit.inference import prepare
+    from optkit.inference.transform import prepare
 
     model = prepare(build(subject.spec("eager"), registry=subject.registry, device=subject.device).eval())
     ids, attention_mask = _batch(model, padded=subject.entry.capabilities.padding)
