@@ -25,6 +25,7 @@ from optkit.interfaces import (
     KVCache,
     KVCacheFactory,
     PositionalEmbedding,
+    ShardStyle,
     TokenEmbedding,
 )
 from optkit.outputs import ModelOutput
@@ -54,6 +55,15 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Megatron's split: whole heads per rank for q/k/v, partial sums through out_proj."""
+        return {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "out_proj": "rowwise"}
+
+    def shard_local(self, tp_size: int) -> None:
+        if self.num_heads % tp_size:
+            raise InputError(f"{self.num_heads} attention heads cannot be split evenly over {tp_size} ranks")
+        self.num_heads //= tp_size
 
     def scale_query(self, query: Tensor) -> tuple[Tensor, float]:
         """The query and the scale the kernel applies to the scores.
@@ -86,6 +96,9 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Attention + MLP with residuals; norms before (pre-LN) or after (post-LN, opt-350m)."""
+
+    placement_unit = True  # its forward needs every weight of the layer on one device
+    offloadable = True  # ... which may be streamed in from CPU or disk just before it runs
 
     def __init__(self, *, self_attn: Attention, self_attn_layer_norm: nn.Module, mlp: nn.Module,
                  final_layer_norm: nn.Module, norm_position: str, dropout: float):

@@ -1,5 +1,6 @@
 """Typed interfaces, one per component kind. Implementations come from plugins."""
 
+from optkit.interfaces.adapters import LinearAdapter, MergeableLinear, WrappableLinear
 from optkit.interfaces.attention import AttentionKernel, AttentionResult, is_power_of_two
 from optkit.interfaces.cache import KVCache, KVCacheFactory
 from optkit.interfaces.components import (
@@ -15,8 +16,12 @@ from optkit.interfaces.components import (
     TokenEmbedding,
 )
 from optkit.interfaces.mask import AttentionMask
+from optkit.interfaces.parallel import ShardStyle, TensorParallel
+from optkit.interfaces.placement import Offloadable, PlacementUnit
 
 __all__ = [
+    "LinearAdapter", "MergeableLinear", "Offloadable", "PlacementUnit", "ShardStyle", "TensorParallel",
+    "WrappableLinear",
     "AttentionKernel", "AttentionMask", "AttentionResult", "Head", "HeadInputs", "HeadMatmul", "KVCache",
     "KVCacheFactory", "LinearFactory", "MLP", "Norm", "NormFactory", "PositionalEmbedding",
     "StackableLinear", "TokenEmbedding", "is_power_of_two",

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from optkit.interfaces import MLP
+from optkit.interfaces import MLP, ShardStyle
 from optkit_torch_components.layers import ACTIVATIONS, Activation
 
 
@@ -35,6 +35,13 @@ class GatedMLP(MLP):
     def forward(self, x: Tensor) -> Tensor:
         out = self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
         return F.dropout(out, p=self.dropout, training=self.training) if self.dropout else out
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """SwiGLU under tensor parallelism: gate/up by columns, down by rows (one all-reduce)."""
+        return {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: the activation is elementwise on each rank's columns."""
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, dropout={self.dropout}"

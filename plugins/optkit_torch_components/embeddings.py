@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from optkit.interfaces import PositionalEmbedding, TokenEmbedding
+from optkit.interfaces import PositionalEmbedding, TokenEmbedding, ShardStyle
 
 
 class LearnedTokenEmbedding(TokenEmbedding):
@@ -25,6 +25,13 @@ class LearnedTokenEmbedding(TokenEmbedding):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids, self.weight, self.padding_idx)
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Each rank holds a slice of the vocabulary ("" is the module itself)."""
+        return {"": "vocab"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: ids outside a rank's slice are masked by the parallel style."""
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.embedding_dim}, padding_idx={self.padding_idx}"

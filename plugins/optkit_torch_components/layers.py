@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from optkit import torch_internals
-from optkit.interfaces import MLP, Norm
+from optkit.interfaces import MLP, Norm, ShardStyle
 
 
 class LayerNorm(nn.LayerNorm, Norm):
@@ -65,6 +65,13 @@ class FeedForward(MLP):
             hidden = torch_internals.relu_addmm(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t())
             return self.fc2(hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.fc2(self._act(self.fc1(x)))
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Megatron's MLP: fc1 by columns, fc2 by rows (one all-reduce)."""
+        return {"fc1": "colwise", "fc2": "rowwise"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: the activation is elementwise on each rank's columns."""
 
     def _relu_in_gemm(self, x: Tensor) -> bool:
         return (self.activation == "relu" and x.is_cuda and type(self.fc1) is nn.Linear

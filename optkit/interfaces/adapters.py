@@ -1,0 +1,51 @@
+"""What an adapter (LoRA and the like) may rely on from the linear it wraps, and what it offers back.
+
+An adapter wraps whatever linear the spec chose -- torch, int8, oneDNN, a third party's -- so it may use
+only this: the linear's ``in_features``/``out_features`` and its forward. Merging the adapter into the
+base needs the base's weight in floating point, which a quantized linear must provide (or refuse with a
+reason) through :class:`MergeableLinear`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class WrappableLinear(Protocol):
+    """Any registered linear: sizes and a forward; nothing about how its weight is stored."""
+
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class MergeableLinear(Protocol):
+    """A linear whose weight can be read and rewritten in floating point (for merging a low-rank delta)."""
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a float tensor ``(out_features, in_features)`` (dequantized if stored otherwise)."""
+        ...
+
+    def set_dense_weight(self, weight: Tensor) -> None:
+        """Store ``weight`` (re-quantizing if the layer is quantized)."""
+        ...
+
+
+@runtime_checkable
+class LinearAdapter(Protocol):
+    """A module that wraps a linear (``base``) and adds a trainable delta to its output."""
+
+    base: nn.Module
+
+    def merge(self) -> None:
+        """Fold the delta into ``base`` (needs a :class:`MergeableLinear` base)."""
+        ...
+
+    def unmerge(self) -> None:
+        """Take a merged delta out of ``base`` again."""
+        ...
