@@ -14,7 +14,7 @@ import torch
 from optkit.context import BuildContext
 from optkit.errors import BackendUnavailableError, SpecValidationError
 from optkit.interfaces import AttentionKernel, Head
-from optkit.model import Attention, Decoder, DecoderLayer, Model
+from optkit.model import Decoder, Model
 from optkit.registry import Registry
 from optkit.spec import AUTO, DECODER_COMPONENTS, ModelSpec, load_spec, validate_spec
 
@@ -54,25 +54,13 @@ def build_head(model: Model, device: torch.device, dtype: torch.dtype) -> Head:
         return ctx.create("head")
 
 
-def _layer(ctx: BuildContext) -> DecoderLayer:
-    d = ctx.decoder
-    width = d.num_heads * d.head_dim
-    attention = Attention(
-        q_proj=ctx.linear(d.hidden_size, width, bias=d.bias), k_proj=ctx.linear(d.hidden_size, width, bias=d.bias),
-        v_proj=ctx.linear(d.hidden_size, width, bias=d.bias), out_proj=ctx.linear(width, d.hidden_size, bias=d.bias),
-        kernel=ctx.create("attention"), num_heads=d.num_heads, head_dim=d.head_dim,
-        query_scaling=d.query_scaling, dropout=d.attention_dropout)
-    return DecoderLayer(self_attn=attention, self_attn_layer_norm=ctx.norm(d.hidden_size), mlp=ctx.create("mlp"),
-                        final_layer_norm=ctx.norm(d.hidden_size), norm_position=d.norm_position, dropout=d.dropout)
-
-
 def _decoder(ctx: BuildContext) -> Decoder:
     d = ctx.decoder
     projected = d.embed_dim != d.hidden_size
     return Decoder(
         embed_tokens=ctx.create("token_embedding"),
         embed_positions=ctx.create("positional_embedding"),
-        layers=[_layer(ctx) for _ in range(d.num_layers)],
+        layers=[ctx.create("block") for _ in range(d.num_layers)],
         project_in=ctx.linear(d.embed_dim, d.hidden_size, bias=False) if projected else None,
         project_out=ctx.linear(d.hidden_size, d.embed_dim, bias=False) if projected else None,
         final_layer_norm=ctx.norm(d.hidden_size) if d.final_norm and d.norm_position == "pre" else None,
@@ -127,8 +115,9 @@ def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, 
     spec = _resolve_auto(spec, registry, device, dtype)
     registry.require_usable("attention", spec.decoder.attention.name, device, dtype)
     ctx = BuildContext(spec=spec, registry=registry, device=device, dtype=dtype)
-    for layer in model.decoder.layers:
+    for name, _ in model.attention_kernels():  # wherever a block keeps its kernels
+        parent, _, attribute = name.rpartition(".")
         kernel: AttentionKernel = ctx.create("attention")
-        layer.self_attn.kernel = kernel.to(device)
+        setattr(model.get_submodule(parent), attribute, kernel.to(device))
     model.spec, model.registry = spec, registry
     return model

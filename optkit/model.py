@@ -20,6 +20,7 @@ from optkit.errors import InputError
 from optkit.interfaces import (
     AttentionKernel,
     AttentionMask,
+    DecoderBlock,
     Head,
     HeadInputs,
     KVCache,
@@ -94,8 +95,8 @@ class Attention(nn.Module):
         return self.out_proj(output), weights
 
 
-class DecoderLayer(nn.Module):
-    """Attention + MLP with residuals; norms before (pre-LN) or after (post-LN, opt-350m)."""
+class DecoderLayer(DecoderBlock):
+    """OPT's block: attention + MLP with residuals; norms before (pre-LN) or after (post-LN, opt-350m)."""
 
     placement_unit = True  # its forward needs every weight of the layer on one device
     offloadable = True  # ... which may be streamed in from CPU or disk just before it runs
@@ -109,6 +110,10 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = final_layer_norm
         self.pre_norm = norm_position == "pre"
         self.dropout = dropout
+
+    @property
+    def kv_heads(self) -> int:
+        return self.self_attn.num_heads
 
     def forward(self, x: Tensor, **attention_args: Any) -> tuple[Tensor, Tensor | None]:
         residual = x
@@ -136,7 +141,7 @@ class Decoder(nn.Module):
     """Embeddings -> layers -> final norm/projection."""
 
     def __init__(self, *, embed_tokens: TokenEmbedding, embed_positions: PositionalEmbedding,
-                 layers: list[DecoderLayer], project_in: nn.Module | None, project_out: nn.Module | None,
+                 layers: list[DecoderBlock], project_in: nn.Module | None, project_out: nn.Module | None,
                  final_layer_norm: nn.Module | None, max_positions: int, layerdrop: float):
         super().__init__()
         self.embed_tokens = embed_tokens
@@ -300,8 +305,9 @@ class Model(nn.Module):
             ref = ComponentRef(name=self.registry.select_auto("kv_cache", self.device, self.dtype).name)
         ctx = BuildContext(spec=self.spec, registry=self.registry, device=self.device, dtype=self.dtype)
         factory: KVCacheFactory = ctx.create("kv_cache", ref)
+        heads = self.decoder.layers[0].kv_heads if len(self.decoder.layers) else d.num_heads
         return factory(batch_size=batch_size, max_length=max_length, max_positions=d.max_positions,
-                       num_layers=d.num_layers, num_heads=d.num_heads, head_dim=d.head_dim, dtype=self.dtype,
+                       num_layers=d.num_layers, num_heads=heads, head_dim=d.head_dim, dtype=self.dtype,
                        device=self.device)
 
     def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
@@ -349,7 +355,11 @@ class Model(nn.Module):
 
     @property
     def attention_backend(self) -> str:
-        return self.decoder.layers[0].self_attn.kernel.name
+        return next(kernel.name for _, kernel in self.attention_kernels())
+
+    def attention_kernels(self) -> list[tuple[str, AttentionKernel]]:
+        """Every attention kernel in the tree, by module name (``set_backend`` replaces these)."""
+        return [(name, module) for name, module in self.named_modules() if isinstance(module, AttentionKernel)]
 
     @property
     def device(self) -> torch.device:

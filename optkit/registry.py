@@ -23,7 +23,7 @@ from optkit.errors import (
 )
 
 Kind = Literal[
-    "token_embedding", "positional_embedding", "attention", "mlp", "norm", "linear", "kv_cache", "head"
+    "token_embedding", "positional_embedding", "attention", "mlp", "norm", "linear", "kv_cache", "block", "head"
 ]
 KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
 ALL_DTYPES = frozenset({"float32", "float16", "bfloat16"})

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from optkit.errors import SpecValidationError, UnknownComponentError
 
-DECODER_COMPONENTS = ("token_embedding", "positional_embedding", "attention", "mlp", "norm", "linear", "kv_cache")
+DECODER_COMPONENTS = ("token_embedding", "positional_embedding", "attention", "mlp", "norm", "linear", "kv_cache",
+                      "block")
 AUTO = "auto"
 
 
@@ -68,6 +69,8 @@ class DecoderSpec(StrictModel):
     norm: ComponentRef = _ref("layernorm", eps=1e-5, elementwise_affine=True)
     linear: ComponentRef = _ref("torch")
     kv_cache: ComponentRef = _ref("dynamic")
+    # How one layer arranges the components above (OPT: "sequential"); a family may register its own.
+    block: ComponentRef = _ref("sequential")
 
     @property
     def head_dim(self) -> int:

@@ -39,6 +39,7 @@ torch_components (optkit 0.1.0) [ok]
     linear: torch
     kv_cache: dynamic
     kv_cache: static
+    block: sequential
     head: base
     head: causal_lm
     head: sequence_classification
@@ -61,6 +62,7 @@ norm                  rmsnorm                  available  [llama_components]
 linear                torch                    available  [torch_components]
 kv_cache              dynamic                  available  [torch_components]
 kv_cache              static                   available  [torch_components]
+block                 sequential               available  [torch_components]
 head                  base                     available  [torch_components]
 head                  causal_lm                available  [torch_components]
 head                  question_answering       available  [torch_components]

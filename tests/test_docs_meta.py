@@ -20,6 +20,7 @@ from optkit.interfaces import (
     MLP,
     AttentionKernel,
     AttentionMask,
+    DecoderBlock,
     Head,
     KVCache,
     KVCacheFactory,
@@ -50,6 +51,7 @@ KIND_INTERFACES: dict[str, list[Callable[..., Any]]] = {
     "linear": [LinearFactory.__call__],
     "kv_cache": [KVCacheFactory.__call__, KVCache.get_seq_length, KVCache.attended_length, KVCache.update,
                  KVCache.reorder],
+    "block": [DecoderBlock.forward, DecoderBlock.kv_heads.fget],
     "head": [Head.forward],
 }
 

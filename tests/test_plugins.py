@@ -272,7 +272,7 @@ def test_installed_first_party_entry_points(registry):
         ("token_embedding", "learned"), ("token_embedding", "stable"),
         ("positional_embedding", "learned"), ("positional_embedding", "rotary"),
         ("kv_cache", "dynamic"), ("kv_cache", "static"),
-        ("head", "base"), ("head", "causal_lm"), ("head", "sequence_classification"), ("head", "question_answering"),
+        ("block", "sequential"), ("head", "base"), ("head", "causal_lm"), ("head", "sequence_classification"), ("head", "question_answering"),
     }
     assert all(r.provider.distribution == "optkit" for r in registry.registrations())
 

@@ -110,7 +110,7 @@ def test_unknown_name_lists_broken_plugins(attention):
 
 def test_unknown_kind(registry):
     message = ("unknown component kind 'attn' (kinds: token_embedding, positional_embedding, attention, mlp, "
-               "norm, linear, kv_cache, head)")
+               "norm, linear, kv_cache, block, head)")
     with pytest.raises(UnknownComponentError) as info:
         registry.register("attn", "x", eager)
     assert str(info.value) == message

@@ -350,7 +350,7 @@ def test_with_components():
     with pytest.raises(SpecValidationError) as info:
         load_spec("opt-tiny").with_components(tokenizer="bpe")
     assert problems(info) == ["tokenizer: not a component kind (kinds: head, token_embedding, positional_embedding, "
-                              "attention, mlp, norm, linear, kv_cache)"]
+                              "attention, mlp, norm, linear, kv_cache, block)"]
 
 
 def test_lazy_exports():

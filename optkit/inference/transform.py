@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from optkit.inference.attention import PreparedAttention
 from optkit.inference.session import InferenceSession
-from optkit.model import Attention
+from optkit.model import Attention, DecoderLayer
 
 if TYPE_CHECKING:
     from optkit.model import Model
@@ -18,6 +18,8 @@ def prepare(model: Model, *, stack_projections: bool = True) -> Model:
     ``stack_projections=False`` keeps q/k/v as three GEMMs (e.g. to measure what stacking gains).
     """
     for layer in model.decoder.layers:
+        if not isinstance(layer, DecoderLayer):
+            continue  # another family's block: computed as it is
         attention = layer.self_attn
         if isinstance(attention, PreparedAttention):
             if stack_projections:
@@ -32,7 +34,7 @@ def prepare(model: Model, *, stack_projections: bool = True) -> Model:
 def restore(model: Model) -> Model:
     """Undo :func:`prepare`: plain attention blocks over the same modules; kept graphs dropped."""
     for layer in model.decoder.layers:
-        if isinstance(layer.self_attn, PreparedAttention):
+        if isinstance(layer, DecoderLayer) and isinstance(layer.self_attn, PreparedAttention):
             layer.self_attn = layer.self_attn.to_reference()
     if model.inference_session is not None:
         model.inference_session.clear()

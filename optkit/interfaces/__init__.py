@@ -4,6 +4,7 @@ from optkit.interfaces.adapters import LinearAdapter, MergeableLinear, Wrappable
 from optkit.interfaces.attention import AttentionKernel, AttentionResult, is_power_of_two
 from optkit.interfaces.cache import KVCache, KVCacheFactory
 from optkit.interfaces.components import (
+    DecoderBlock,
     MLP,
     Head,
     HeadInputs,
@@ -22,7 +23,7 @@ from optkit.interfaces.placement import Offloadable, PlacementUnit
 __all__ = [
     "LinearAdapter", "MergeableLinear", "Offloadable", "PlacementUnit", "ShardStyle", "TensorParallel",
     "WrappableLinear",
-    "AttentionKernel", "AttentionMask", "AttentionResult", "Head", "HeadInputs", "HeadMatmul", "KVCache",
+    "AttentionKernel", "AttentionMask", "DecoderBlock", "AttentionResult", "Head", "HeadInputs", "HeadMatmul", "KVCache",
     "KVCacheFactory", "LinearFactory", "MLP", "Norm", "NormFactory", "PositionalEmbedding",
     "StackableLinear", "TokenEmbedding", "is_power_of_two",
 ]

@@ -50,6 +50,27 @@ class PositionalEmbedding(nn.Module, ABC):
         return query, key
 
 
+class DecoderBlock(nn.Module, ABC):
+    """One layer of the decoder stack: how a family arranges attention, MLP, norms and residuals.
+
+    OPT's block (``sequential``: attention then MLP, each with a residual, norms before or after)
+    is one implementation; a family with another structure (parallel residual, grouped-query
+    attention, a mixture of experts) registers its own ``block`` and builds its sub-components
+    through the ``BuildContext`` it receives, with no edit to the core. The block stores its keys and
+    values in ``cache`` under ``layer_idx`` and reports how many key/value heads it stores.
+    """
+
+    @property
+    @abstractmethod
+    def kv_heads(self) -> int:
+        """Key/value heads this block writes into the KV cache (caches are shaped by it)."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, *, mask: Any, positional: PositionalEmbedding, position_ids: Tensor,
+                cache: Any, layer_idx: int, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """``x`` (batch, length, hidden) -> (new hidden states, attention weights or None)."""
+
+
 class Norm(nn.Module, ABC):
     @abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...

@@ -575,7 +575,7 @@ def check_set_backend(subject: Subject) -> str:
     with torch.no_grad():
         before = model(ids, attention_mask=attention_mask)
     set_backend(model, attention={"name": subject.name, "params": dict(subject.params)}, registry=subject.registry)
-    names = {layer.self_attn.kernel.name for layer in model.decoder.layers}
+    names = {kernel.name for _, kernel in model.attention_kernels()}
     if names != {subject.name} or model.spec.decoder.attention.name != subject.name:
         raise AssertionError(f"after set_backend the layers run {sorted(names)}, "
                              f"the spec says {model.spec.decoder.attention.name!r}")

@@ -1,4 +1,4 @@
-"""optkit's first-party torch components: embeddings, norms, MLPs, linear, caches, heads.
+"""optkit's first-party torch components: embeddings, norms, MLPs, linear, caches, blocks, heads.
 
 Registered through the ``optkit`` entry-point group like any third-party plugin.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import optkit
 from optkit.registry import Capabilities
 
-from . import caches, embeddings, heads, layers
+from . import blocks, caches, embeddings, heads, layers
 
 OPTKIT_PLUGIN_API = 1
 GRAPH_SAFE = Capabilities(cuda_graphs=True)  # no host syncs: decode steps can be CUDA-graph captured
@@ -29,6 +29,8 @@ def optkit_register(registry) -> None:
     registry.register("kv_cache", "dynamic", caches.dynamic_cache, description="grows by concatenation")
     registry.register("kv_cache", "static", caches.static_cache, params=caches.StaticCacheParams,
                       capabilities=GRAPH_SAFE, description="preallocated, updated in place (for CUDA graphs)")
+    registry.register("block", "sequential", blocks.sequential_block, capabilities=GRAPH_SAFE,
+                      description="OPT's layer: attention then MLP, residuals, norms before or after")
     registry.register("head", "base", heads.base_head, capabilities=GRAPH_SAFE, description="final hidden states")
     registry.register("head", "causal_lm", heads.causal_lm_head, params=heads.CausalLMParams,
                       capabilities=GRAPH_SAFE, description="next-token logits, tied to the token embedding")
