@@ -78,7 +78,7 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
     if registry is None:
         from optkit import registry
     if not isinstance(spec, ModelSpec):
-        spec = load_spec(spec)
+        spec = load_spec(spec, registry=registry)
     if component_overrides:
         spec = spec.with_components(registry=registry, **component_overrides)
     spec = validate_spec(spec, registry=registry)

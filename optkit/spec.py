@@ -273,16 +273,17 @@ def _names_only_problems(data: dict[str, Any], registry: Any) -> list[str]:
     return problems
 
 
-def load_spec(name_or_path: str | Path | dict[str, Any], **overrides: Any) -> ModelSpec:
+def load_spec(name_or_path: str | Path | dict[str, Any], *, registry: Any = None, **overrides: Any) -> ModelSpec:
     """A preset name/alias, a YAML path or a mapping -> validated ModelSpec.
 
     Keyword overrides are deep-merged on top (``load_spec("opt-125m", decoder={"num_layers": 2})``).
+    Component names are checked against ``registry`` (default: the global one).
     """
     source = None if isinstance(name_or_path, dict) else str(name_or_path)
     raw = resolve_raw(name_or_path)
     if overrides:
         raw = _merge(raw, overrides)
-    return validate_spec(raw, source=source)
+    return validate_spec(raw, source=source, registry=registry)
 
 
 def spec_from_yaml(text: str) -> ModelSpec:
