@@ -26,28 +26,28 @@ python3 -c "import torch, transformers, optkit; print('torch', torch.__version__
 step smoke: graph vs plain loop on opt-tiny
 timeout 60 python3 - <<'PY'
 import torch, optkit
-from optkit import decode_graph
-m = optkit.build("opt-tiny", device="cuda", attention="sdpa").eval()
+from optkit import inference
+m = inference.prepare(optkit.build("opt-tiny", device="cuda", attention="sdpa").eval())
 ids = torch.randint(3, 500, (2, 9), device="cuda")
 a = m.generate(ids, max_new_tokens=16, eos_token_id=[])
 b = m.generate(ids, max_new_tokens=16, eos_token_id=[], decode_graph=False)
-kept = decode_graph._KEPT.get(m)
-print("captured:", kept is not None and kept[1].graph is not None, "same tokens:", torch.equal(a, b))
+kept = m.inference_session.kept_step
+print("captured:", kept is not None and kept.graph is not None, "same tokens:", torch.equal(a, b))
 PY
 
 if [ "$MODE" = compile ]; then
   step smoke: compiled step vs plain loop on opt-tiny
   timeout 90 python3 - <<'PY'
 import time, torch, optkit
-from optkit import decode_graph
-m = optkit.build("opt-tiny", device="cuda", attention="sdpa").eval()
+from optkit import inference
+m = inference.prepare(optkit.build("opt-tiny", device="cuda", attention="sdpa").eval())
 ids = torch.randint(3, 500, (1, 9), device="cuda")
 start = time.perf_counter()
 a = m.generate(ids, max_new_tokens=16, eos_token_id=[], compile=True)
 print(f"first compiled generate: {time.perf_counter() - start:.1f} s")
 b = m.generate(ids, max_new_tokens=16, eos_token_id=[], decode_graph=False)
-kept = decode_graph._KEPT.get(m)
-print("captured:", kept is not None and kept[1].graph is not None, "same tokens:", torch.equal(a, b))
+kept = m.inference_session.kept_step
+print("captured:", kept is not None and kept.graph is not None, "same tokens:", torch.equal(a, b))
 PY
   step compiled-step and graph tests
   timeout 110 python3 -m pytest tests/test_compiled_step.py tests/test_decode_graph.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -15

@@ -34,6 +34,7 @@ from optkit.spec import AUTO, ComponentRef, ModelSpec
 
 if TYPE_CHECKING:
     from optkit import Registry
+    from optkit.inference.session import InferenceSession
 
 
 class Attention(nn.Module):
@@ -250,7 +251,7 @@ class Model(nn.Module):
         self.registry = registry
         # Graphs and compiled steps that generate() reuses; set by optkit.inference.prepare, dropped
         # by optkit.inference.restore (or by assigning None).
-        self.inference_session: Any = None
+        self.inference_session: InferenceSession | None = None
 
     # -- inputs -----------------------------------------------------------------------------
     def _check(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, check_ids: bool) -> None:
