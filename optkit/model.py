@@ -169,6 +169,11 @@ class Decoder(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if self.project_in is not None:
             x = self.project_in(x)
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) "
+                f"= ({batch}, {past + length}); with a cache, pass the mask of the whole sequence so far"
+            )
         if position_ids is None:
             position_ids = self._positions(attention_mask, batch, length, past, x.device)
         additive = self.embed_positions.additive(position_ids)
@@ -225,11 +230,6 @@ class Decoder(nn.Module):
         kv_len = cache.attended_length(length) if cache is not None else length
         key_padding = None
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch, past + length):
-                raise InputError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new tokens) "
-                    f"= ({batch}, {past + length}); with a cache, pass the mask of the whole sequence so far"
-                )
             key_padding = attention_mask.bool()
             if bool(key_padding.all()):
                 key_padding = None
