@@ -1,5 +1,4 @@
-import pathlib
-import sys
+"""Fixtures and hooks every test module shares; shared functions and constants live in ``tests.helpers``."""
 
 import os
 
@@ -11,8 +10,6 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # shared test helpers (hf_oracle, tokenizer_fixtures)
 
 
 @pytest.fixture(autouse=True, scope="session")

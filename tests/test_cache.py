@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,10 +17,14 @@ BACKENDS = ["eager", "sdpa"]
 
 @pytest.fixture(scope="module")
 def models():
+    """Pre- and post-LN models, each also on every backend ((variant, backend) keys): built once,
+    so tests pick the model they need instead of switching a shared one's backend."""
     torch.manual_seed(0)
-    base = optkit.build("opt-tiny", dtype=torch.float32).eval()
-    post = optkit.build("opt-tiny-350m-style", dtype=torch.float32).eval()
-    return {"pre": base, "post": post}
+    variants = {"pre": optkit.build("opt-tiny", dtype=torch.float32).eval(),
+                "post": optkit.build("opt-tiny-350m-style", dtype=torch.float32).eval()}
+    on_backends = {(variant, backend): optkit.set_backend(copy.deepcopy(model), attention=backend)
+                   for variant, model in variants.items() for backend in BACKENDS}
+    return {**variants, **on_backends}
 
 
 def left_padded(seed: int, batch: int, length: int, pads: list[int]):
@@ -35,8 +41,7 @@ def left_padded(seed: int, batch: int, length: int, pads: list[int]):
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_cached_equals_uncached(models, backend, cache_kind, data):
-    model = models[data.draw(st.sampled_from(["pre", "post"]))]
-    optkit.set_backend(model, attention=backend)
+    model = models[data.draw(st.sampled_from(["pre", "post"])), backend]
     batch = data.draw(st.integers(1, 3))
     length = data.draw(st.integers(2, 12))
     pads = [data.draw(st.integers(0, length - 1)) for _ in range(batch)]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_pipeline import make_text_model_dir
+from tests.helpers import make_text_model_dir
 
 from optkit.cli import main
 from optkit.pipelines import pipeline

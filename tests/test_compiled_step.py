@@ -2,8 +2,9 @@
 
 torch.compile runs inductor here, which writes C++ on CPU: these tests need a C++ compiler and skip,
 saying so, without one. Each compilation of a tiny model takes 10-30 s on the CI machine, so the
-tests share the few compilations they need. The CUDA case (marker ``cuda``) also replays the graph
-captured around the compiled step.
+tests share the few compilations they need, and each test that compiles is marked ``slow`` (run by
+default and in CI; ``-m "not slow"`` leaves them out of a quick local run). The CUDA case (marker
+``cuda``) also replays the graph captured around the compiled step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-from hf_oracle import batch, saved_pair
 from torch._inductor.utils import run_and_get_code
 
 import optkit
@@ -22,6 +22,7 @@ from optkit.inference import DecodeStep, decode_graph
 from optkit.inference.compiled import compile_step, inductor_with_gemv
 from optkit.errors import InputError
 from optkit.generation import _forward_last
+from tests.helpers import batch, saved_pair
 
 NEW = 12
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -30,6 +31,8 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
+    """Shared on purpose, so the compilations are too: tests only generate with it (which prepares the
+    model in place, idempotently) and never change its backend, mode or dtype."""
     return saved_pair(tmp_path_factory.mktemp("compiled"), seed=3, init_std=0.2, attention="sdpa")
 
 
@@ -42,6 +45,7 @@ def hf_greedy(hf, ids, mask):
                        pad_token_id=1)
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("rows", [1, 3])  # one row: the projections become inductor reductions
 def test_compiled_step_gives_transformers_tokens(pair, rows):
@@ -52,6 +56,7 @@ def test_compiled_step_gives_transformers_tokens(pair, rows):
     assert torch.equal(greedy(model, ids, mask, decode_graph=False), expected)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_compiled_step_logits_equal_the_plain_steps(pair):
     """Same numbers within fp32 rounding (the reductions sum in another order than the BLAS GEMV)."""
@@ -83,6 +88,7 @@ def one_row_code(module, x):
     return out, code[0][code[0].index("def call"):]
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("bias", [True, False])
 def test_one_row_products_become_reductions_and_others_stay_gemms(bias):
@@ -101,6 +107,7 @@ def test_one_row_products_become_reductions_and_others_stay_gemms(bias):
         assert float((out - mlp(rows)).abs().max()) <= 1e-6
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_one_row_reduction_rounds_once_in_reduced_precision():
     """bf16 in, fp32 sums, one rounding at the end: as close to the fp32 result as bf16 allows."""
@@ -125,6 +132,7 @@ def test_compile_explains_what_it_cannot_do(pair):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, compile=True)
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 def test_cuda_compiled_graph_equals_the_plain_loop(tmp_path):
     hf, model = saved_pair(tmp_path, seed=3, init_std=0.2)

@@ -7,25 +7,35 @@ captured graph and compare it with the plain loop on the GPU.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
-from hf_oracle import batch, saved_pair
-from test_open_llama import llama_plugin, tiny_model
 
 import optkit
 from optkit import inference
 from optkit.inference import DecodeStep, decode_graph
 from optkit.errors import InputError
 from optkit.generation import _forward_last
+from optkit.testing import temporary_component
+from tests.helpers import batch, saved_pair, tiny_open_llama
 
 NEW = 12
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def saved_models(tmp_path_factory):
+    """(transformers model, optkit model) with the same weights, loaded once; tests use ``pair``."""
     return saved_pair(tmp_path_factory.mktemp("graph"), seed=3, init_std=0.2)
+
+
+@pytest.fixture
+def pair(saved_models):
+    """The shared transformers model (only read) and a copy of the optkit model of each test's own:
+    tests switch its backend, mode and dtype, and generate() prepares it in place."""
+    hf, model = saved_models
+    return hf, copy.deepcopy(model)
 
 
 def greedy(model, ids, mask, **kwargs):
@@ -82,12 +92,11 @@ def test_unpadded_batch_eos_and_sampling_match_the_plain_loop(pair):
 
 
 def test_open_llama_step_path_matches_the_plain_loop():
-    with llama_plugin():
-        model = tiny_model(attention="sdpa", seed=5)
-        ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones_like(ids)
-        mask[1, :2] = 0
-        assert torch.equal(greedy(model, ids, mask, decode_graph=True), greedy(model, ids, mask, decode_graph=False))
+    model = tiny_open_llama(attention="sdpa", seed=5)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    assert torch.equal(greedy(model, ids, mask, decode_graph=True), greedy(model, ids, mask, decode_graph=False))
 
 
 def test_static_cache_follows_a_device_slot():
@@ -111,19 +120,14 @@ def test_insisting_explains_why_a_model_cannot_use_it(pair):
     with pytest.raises(InputError, match="kv_cache 'dynamic' does not declare cuda_graphs"):
         model.generate(ids, attention_mask=mask, cache_implementation="dynamic", decode_graph=True)
     model.train()
-    try:
-        with pytest.raises(InputError, match="training mode"):
-            model.generate(ids, attention_mask=mask, decode_graph=True)
-    finally:
-        model.eval()
+    with pytest.raises(InputError, match="training mode"):
+        model.generate(ids, attention_mask=mask, decode_graph=True)
 
 
 def test_a_component_without_the_declaration_is_never_captured(pair):
     """A third-party kernel that says nothing about graphs gets the plain loop (or a clear refusal)."""
     _, model = pair
-    sdpa = optkit.registry.get("attention", "sdpa")
-    optkit.registry.register("attention", "undeclared", sdpa.factory)
-    try:
+    with temporary_component("attention", "undeclared", optkit.registry.get("attention", "sdpa").factory):
         optkit.set_backend(model, attention="undeclared")
         assert decode_graph.unsupported_reason(model, "static") == \
             "attention 'undeclared' does not declare cuda_graphs (it may synchronise with the host)"
@@ -131,9 +135,6 @@ def test_a_component_without_the_declaration_is_never_captured(pair):
         with pytest.raises(InputError, match="attention 'undeclared' does not declare cuda_graphs"):
             model.generate(ids, attention_mask=mask, decode_graph=True)
         assert model.generate(ids, attention_mask=mask, max_new_tokens=3).shape == (2, 8)
-    finally:
-        optkit.set_backend(model, attention="sdpa")
-        optkit.registry.unregister("attention", "undeclared")
 
 
 def test_cpu_default_is_the_plain_loop(pair, monkeypatch):
@@ -156,7 +157,6 @@ def test_fingerprint_changes_when_modules_or_storage_change(pair):
     assert swapped != before
     model.to(torch.float64)
     assert decode_graph._fingerprint(model) != swapped
-    model.to(torch.float32)
 
 
 def test_a_mask_converts_once_per_dtype_and_device():

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_oracle import batch, saved_pair
+from tests.helpers import batch, make_text_model_dir, saved_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_pipeline import make_text_model_dir
 
 import optkit
 from optkit.errors import InputError

@@ -18,13 +18,10 @@ that dtype, plus a floor (fp16 1e-3, bf16 8e-3; gradients 4x those floors).
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,42 +31,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
-if importlib.util.find_spec("optkit_flash") is None:  # until an (editable) install maps the new packages
-    sys.path.insert(0, str(PLUGINS))
+import optkit
+import optkit_flash
+import optkit_int8
+import optkit_xformers
+from optkit.errors import BackendUnavailableError, SpecValidationError
+from optkit.interfaces import AttentionMask
+from optkit_attention_eager import EagerAttention
+from optkit_flash.library import FlashLibrary
+from optkit_flash.varlen import Segments, needs_varlen, plan_for, plan_varlen
+from optkit_xformers import Bias, XformersAttention, XformersOps, dense_bias
 
-import optkit  # noqa: E402
-import optkit_flash  # noqa: E402
-import optkit_int8  # noqa: E402
-import optkit_xformers  # noqa: E402
-from optkit.errors import BackendUnavailableError, SpecValidationError  # noqa: E402
-from optkit.interfaces import AttentionMask  # noqa: E402
-from optkit.registry import Provider  # noqa: E402
-from optkit_attention_eager import EagerAttention  # noqa: E402
-from optkit_flash.library import FlashLibrary  # noqa: E402
-from optkit_flash.varlen import Segments, needs_varlen, plan_for, plan_varlen  # noqa: E402
-from optkit_xformers import Bias, XformersAttention, XformersOps, dense_bias  # noqa: E402
-
-PLUGIN_MODULES = {"flash": optkit_flash, "xformers": optkit_xformers, "int8": optkit_int8}
 LIBRARIES = {"flash": "flash_attn", "xformers": "xformers", "int8": "bitsandbytes"}
-KINDS = {"flash": "attention", "xformers": "attention", "int8": "linear"}
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _registered():
-    """Register the plugins in the global registry when the installed entry points do not (yet) provide them."""
-    registry = optkit.registry
-    registry.ensure_loaded()
-    added = []
-    for name, module in PLUGIN_MODULES.items():
-        if (KINDS[name], name) not in registry:
-            with registry.providing(Provider(name, "optkit", optkit.__version__)):
-                module.optkit_register(registry)
-            added.append((KINDS[name], name))
-    yield
-    for kind, name in added:
-        registry.unregister(kind, name)
 
 
 @pytest.fixture
@@ -223,8 +197,7 @@ print(optkit_xformers.check(cpu, torch.float16)[0])
 print(optkit_int8.check(cpu, torch.float32)[0])
 assert all(sys.modules[name] is None for name in ("flash_attn", "xformers", "bitsandbytes"))
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("flash_attn is not installed") and "pip install 'optkit[flash]'" in lines[0]

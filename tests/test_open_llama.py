@@ -10,12 +10,10 @@ must give eager's logits.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,48 +28,18 @@ from safetensors.torch import load_file, save_file
 import optkit
 from optkit.errors import SpecValidationError
 from optkit.formats.open_llama import config_from_spec, spec_from_config
-from optkit.registry import Provider
 from optkit.spec import load_spec
 from optkit.testing import add_plugin, fresh_registry
-
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import optkit_llama_components
-except ImportError:  # an editable install made before the package existed does not map it
-    sys.path.insert(0, str(ROOT / "plugins"))
-    import optkit_llama_components
 from optkit_llama_components.norms import RMSNorm
 from optkit_llama_components.rotary import RotaryEmbedding, inverse_frequencies
+from tests.helpers import OPEN_LLAMA_TINY, load_example_plugin, tiny_open_llama
 
+ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=32, initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = OPEN_LLAMA_TINY  # the transformers-style config of every random tiny Open-Llama here
 LINEAR = dict(rope_scaling={"type": "linear", "factor": 2.0})
 DYNAMIC = dict(rope_scaling={"type": "dynamic", "factor": 2.0})
 PARITY: dict[str, float] = {}  # label -> max |error|, printed at the end of the module
-
-
-# -- the plugin, until pyproject.toml declares its entry point ------------------------------------
-@contextlib.contextmanager
-def llama_plugin():
-    """Register the plugin as its entry point would, unless the installed entry point already did."""
-    by_hand = ("norm", "rmsnorm") not in optkit.registry
-    if by_hand:
-        with optkit.registry.providing(Provider("llama_components", "optkit", optkit.__version__)):
-            optkit_llama_components.optkit_register(optkit.registry)
-    try:
-        yield
-    finally:
-        if by_hand:
-            for kind, name in (("norm", "rmsnorm"), ("positional_embedding", "rotary"), ("mlp", "gated"),
-                               ("token_embedding", "stable")):
-                optkit.registry.unregister(kind, name)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def llama_components():
-    with llama_plugin():
-        yield
 
 
 def say(request, line: str) -> None:
@@ -90,18 +58,6 @@ def parity_report(request):
     if PARITY:
         lines = [f"  {label:<52} {err:.2e}" for label, err in sorted(PARITY.items())]
         say(request, "\nOpen-Llama parity, max |optkit - reference|:\n" + "\n".join(lines))
-
-
-def tiny_model(*, attention: str = "eager", head: str = "causal_lm", seed: int = 0, **config: Any) -> optkit.Model:
-    """A random tiny Open-Llama built from a config through the format, with non-trivial norms."""
-    spec = spec_from_config({**TINY, **config}, head=head).with_components(attention=attention)
-    torch.manual_seed(seed)
-    model = optkit.build(spec).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model
 
 
 def left_padded(batch: int, length: int, pads: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +89,7 @@ def test_rmsnorm_normalizes_in_fp32_and_casts_back_before_the_weight(dtype):
 
 
 def test_rmsnorm_eps_comes_from_the_spec():
-    model = tiny_model(rms_norm_eps=1e-5)
+    model = tiny_open_llama(rms_norm_eps=1e-5)
     assert {m.eps for m in model.modules() if isinstance(m, RMSNorm)} == {1e-5}
     assert len([m for m in model.modules() if isinstance(m, RMSNorm)]) == 2 * TINY["num_hidden_layers"] + 1
 
@@ -198,7 +154,7 @@ def test_rotary_rejects_a_factor_that_does_not_fit_the_scaling():
 
 
 def test_gated_mlp_names_and_bias_follow_the_spec():
-    model = tiny_model()
+    model = tiny_open_llama()
     mlp = model.decoder.layers[0].mlp
     x = torch.randn(2, 5, TINY["hidden_size"])
     expected = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
@@ -211,7 +167,7 @@ def test_gated_mlp_names_and_bias_follow_the_spec():
 
 
 def test_stable_embedding_normalizes_ids_but_not_user_embeddings():
-    model = tiny_model()
+    model = tiny_open_llama()
     ids, _ = left_padded(2, 7, [0, 0])
     embed = model.decoder.embed_tokens
     raw = F.embedding(ids, embed.weight)
@@ -222,7 +178,7 @@ def test_stable_embedding_normalizes_ids_but_not_user_embeddings():
 
 
 def test_shared_head_is_open_llamas_einsum_over_the_embedding_matrix():
-    model = tiny_model()
+    model = tiny_open_llama()
     assert model.head.tied and model.head.weight is model.decoder.embed_tokens.weight
     ids, _ = left_padded(2, 9, [0, 0])
     with torch.no_grad():
@@ -248,7 +204,7 @@ def _incremental(model: optkit.Model, ids: torch.Tensor, mask: torch.Tensor, pre
 @pytest.mark.parametrize("scaling,length", [("none", 24), ("linear", 44), ("dynamic", 30)])
 def test_cached_equals_uncached(scaling, length, attention):
     """With linear scaling past the trained length too; dynamic NTK up to it (see the next test)."""
-    model = tiny_model(attention=attention, **{"none": {}, "linear": LINEAR, "dynamic": DYNAMIC}[scaling])
+    model = tiny_open_llama(attention=attention, **{"none": {}, "linear": LINEAR, "dynamic": DYNAMIC}[scaling])
     ids, mask = left_padded(3, length, [0, 3, 7])
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
@@ -262,7 +218,7 @@ def test_dynamic_ntk_cached_past_the_trained_length_keeps_each_steps_base():
     the base of the current length while cached keys keep theirs (as transformers 4.31's generate);
     one uncached pass rotates every key with the final length's base. Up to the trained length the
     two agree exactly."""
-    model = tiny_model(**DYNAMIC)
+    model = tiny_open_llama(**DYNAMIC)
     ids, mask = left_padded(1, 40, [0])
     with torch.no_grad():
         cached = _incremental(model, ids, mask, 6, "dynamic")
@@ -274,7 +230,7 @@ def test_dynamic_ntk_cached_past_the_trained_length_keeps_each_steps_base():
 @pytest.mark.parametrize("scaling", ["linear", "dynamic"])
 def test_long_left_padded_rows_equal_their_own_runs(scaling):
     """Dynamic NTK takes each row's own length, so a row's logits do not depend on its batch."""
-    model = tiny_model(**{"linear": LINEAR, "dynamic": DYNAMIC}[scaling])
+    model = tiny_open_llama(**{"linear": LINEAR, "dynamic": DYNAMIC}[scaling])
     ids, mask = left_padded(2, 44, [0, 16])
     with torch.no_grad():
         batch = model(ids, attention_mask=mask).logits
@@ -285,9 +241,9 @@ def test_long_left_padded_rows_equal_their_own_runs(scaling):
 
 def test_inputs_longer_than_the_scaled_context_are_refused():
     with torch.no_grad():
-        tiny_model(**DYNAMIC)(torch.randint(3, 100, (1, 64)))  # 2 x 32 fits
+        tiny_open_llama(**DYNAMIC)(torch.randint(3, 100, (1, 64)))  # 2 x 32 fits
         with pytest.raises(optkit.InputError, match="exceeds the model's maximum of 32 positions"):
-            tiny_model()(torch.randint(3, 100, (1, 33)))
+            tiny_open_llama()(torch.randint(3, 100, (1, 33)))
 
 
 # -- checkpoint format ----------------------------------------------------------------------------
@@ -335,7 +291,7 @@ def test_config_round_trip(config):
 
 
 def test_save_pretrained_writes_open_llamas_layout(tmp_path):
-    shared = tiny_model().save_pretrained(tmp_path / "shared")
+    shared = tiny_open_llama().save_pretrained(tmp_path / "shared")
     keys = set(load_file(str(shared / "model.safetensors")))
     layer = {f"model.layers.0.{k}.weight" for k in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -345,16 +301,17 @@ def test_save_pretrained_writes_open_llamas_layout(tmp_path):
     assert len(keys) == 3 + 1 + 9 * TINY["num_hidden_layers"]  # no lm_head: the embedding is the head
     config = json.loads((shared / "config.json").read_text())
     assert (config["model_type"], config["architectures"]) == ("open-llama", ["OpenLlamaForCausalLM"])
-    plain = tiny_model(use_stable_embedding=False, shared_input_output_embedding=False).save_pretrained(tmp_path / "p")
+    untied = tiny_open_llama(use_stable_embedding=False, shared_input_output_embedding=False)
+    plain = untied.save_pretrained(tmp_path / "p")
     keys = set(load_file(str(plain / "model.safetensors")))
     assert "lm_head.weight" in keys and not any("embed_layer_norm" in k for k in keys)
-    base = tiny_model(head="base").save_pretrained(tmp_path / "base")
+    base = tiny_open_llama(head="base").save_pretrained(tmp_path / "base")
     assert "embed_tokens.weight" in load_file(str(base / "model.safetensors"))  # OpenLlamaModel: no prefix
 
 
 @pytest.mark.parametrize("head", ["causal_lm", "sequence_classification", "base"])
 def test_checkpoint_round_trip_is_exact(tmp_path, head):
-    model = tiny_model(head=head, **DYNAMIC)
+    model = tiny_open_llama(head=head, **DYNAMIC)
     directory = model.save_pretrained(tmp_path / head)
     weights = load_file(str(directory / "model.safetensors"))  # 4.31-era files carry rotary buffers: ignored
     prefix = "" if head == "base" else "model."
@@ -465,8 +422,7 @@ def case(name: str) -> Case:
 
 @functools.lru_cache(maxsize=None)
 def load(name: str, attention: str = "eager") -> optkit.Model:
-    with llama_plugin():  # lru-cached models outlive the module fixture's registration: build them inside it
-        return optkit.from_pretrained(FIXTURES / name, head=case(name).head, attention=attention)
+    return optkit.from_pretrained(FIXTURES / name, head=case(name).head, attention=attention)
 
 
 def ours(model: optkit.Model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -646,12 +602,9 @@ def test_save_pretrained_writes_what_4_31_writes(tmp_path, name):
 
 
 # == every attention backend, and the third-party example, on Open-Llama ===========================
-PLUGIN_DIR = ROOT / "examples" / "third_party_attention_plugin"
-try:
-    import optkit_chunked_attention as chunked_plugin
-except ImportError:  # not pip-installed: import the example from the checkout
-    sys.path.insert(0, str(PLUGIN_DIR))
-    import optkit_chunked_attention as chunked_plugin
+# imported from the checkout whether or not it is pip-installed, so these tests always see this commit's copy
+chunked_plugin = load_example_plugin("third_party_attention_plugin/optkit_chunked_attention",
+                                     "optkit_chunked_attention")
 
 
 def usable_backends() -> list[str]:
@@ -664,10 +617,7 @@ def chunked_registry() -> optkit.Registry:
     """optkit's own components plus the example plugin, in a registry of their own: the global
     one never sees 'chunked' (fresh_registry + the module's hook, as its loader would call it)."""
     registry = fresh_registry()
-    if ("norm", "rmsnorm") not in registry:  # an editable install made before the plugin existed
-        add_plugin(optkit_llama_components, registry)
-    if ("attention", chunked_plugin.NAME) not in registry:
-        add_plugin(chunked_plugin, registry)
+    add_plugin(chunked_plugin, registry)
     return registry
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_oracle import VARIANTS, batch, saved_pair
+from tests.helpers import VARIANTS, batch, saved_pair
 
 pytest.importorskip("transformers")
 ATOL = 1e-5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizer_fixtures import build_tiny_bpe
+from tests.helpers import build_tiny_bpe
 
 import optkit
 import optkit.generation

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import build_tiny_bpe
+from tests.helpers import build_tiny_bpe
 from tokenizers.pre_tokenizers import ByteLevel
 
 from optkit.streaming import StreamTimeoutError, TextIteratorStreamer, TextStreamer

@@ -3,7 +3,8 @@
 The example plugin (examples/third_party_attention_plugin) is pip-installed into a
 throw-away virtual environment that sees this environment's packages (torch, optkit),
 and is then used exactly as a user would: `optkit plugins`, `from_pretrained(...,
-attention="chunked")`, a YAML spec, the OPTKIT_BLOCK_PLUGINS switch and its own tests.
+attention="chunked")`, a YAML spec, the OPTKIT_BLOCK_PLUGINS switch and its own tests. Those tests
+are marked ``slow`` (run by default and in CI; ``-m "not slow"`` skips the install locally).
 
 The second half proves the kit catches real bugs: deliberately broken kernels must fail
 `check_attention_backend`, each with the property that names its bug.
@@ -207,6 +208,7 @@ def installed(plugin_venv: PluginVenv, tmp_path_factory: pytest.TempPathFactory)
     return _json(plugin_venv.run("-c", SCRIPT, str(work)))
 
 
+@pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_venv_sees_this_optkit_and_its_own_copy_of_the_plugin(installed, plugin_venv):
     site_dirs = [p for p in installed["sys_path"] if p.endswith("-packages")]
     venv_dir, outer = site_dirs[0], _outer_site_dirs()
@@ -217,6 +219,7 @@ def test_venv_sees_this_optkit_and_its_own_copy_of_the_plugin(installed, plugin_
     assert installed["imported_by_optkit"] == []  # the kit's pytest/hypothesis are never pulled in
 
 
+@pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_optkit_plugins_lists_it(installed):
     assert "chunked (optkit-chunked-attention 0.1.0) [ok]\n    attention: chunked\n" in installed["plugins_text"]
     (record,) = [p for p in installed["plugins_json"] if p["name"] == "chunked"]
@@ -224,18 +227,21 @@ def test_optkit_plugins_lists_it(installed):
                       "status": "ok", "reason": "", "components": ["attention:chunked"], "unusable": {}}
 
 
+@pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_from_pretrained_with_the_plugin_equals_eager(installed):
     result = installed["from_pretrained"]
     assert result["backend"] == "chunked" and result["finite"]
     assert result["max_diff_at_real_tokens"] <= 1e-5
 
 
+@pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_yaml_spec_chooses_it_with_params(installed):
     assert installed["yaml"] == {"attention": {"name": "chunked", "params": {"chunk_size": 16}},
                                  "chunk_sizes": [16]}
     assert "decoder.attention.params.chunk: unknown field" in installed["bad_yaml"]
 
 
+@pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_block_plugins_makes_it_unknown(plugin_venv):
     result = _json(plugin_venv.run("-c", BLOCKED, env={"OPTKIT_BLOCK_PLUGINS": "chunked"}))
     assert result["plugins"]["chunked"] == "blocked"
@@ -244,6 +250,7 @@ def test_block_plugins_makes_it_unknown(plugin_venv):
     assert "decoder.attention: unknown attention 'chunked'" in result["build"]
 
 
+@pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_the_plugins_own_tests_pass_in_the_venv(plugin_venv):
     done = plugin_venv.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=plugin_venv.source,
                            env={"OPTKIT_CONFORMANCE_EXAMPLES": "20"})

@@ -19,7 +19,7 @@ import regex
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import build_tiny_bpe
+from tests.helpers import build_tiny_bpe
 from transformers import GPT2Tokenizer, GPT2TokenizerFast
 
 import optkit.tokenizer as tokenizer_module
