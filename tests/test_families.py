@@ -7,31 +7,21 @@ written here from scratch in plain torch on the same weights.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import optkit
 from optkit.testing import add_plugin, fresh_registry
+from tests.helpers import load_example_plugin
 
-PLUGIN = pathlib.Path(__file__).resolve().parents[1] / "examples" / "parallel_gqa_family" / "optkit_parallel_gqa"
 HEADS, KV_HEADS, LAYERS = 4, 2, 2
-
-
-def load_plugin():
-    spec = importlib.util.spec_from_file_location("optkit_parallel_gqa", PLUGIN / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def registry():
     registry = fresh_registry()
-    add_plugin(load_plugin(), registry)
+    add_plugin(load_example_plugin("parallel_gqa_family/optkit_parallel_gqa", "optkit_parallel_gqa"), registry)
     return registry
 
 
