@@ -2,8 +2,10 @@
 
 Reads ``config.json`` + weights (``model.safetensors``, sharded safetensors with an
 index, or ``pytorch_model.bin`` loaded with ``weights_only=True``; never arbitrary
-pickle), with or without the ``model.`` prefix and with or without ``lm_head.weight``.
-Writes ``config.json`` + safetensors that ``transformers`` reads back.
+pickle), with or without the ``model.`` prefix and with or without ``lm_head.weight``; a damaged or
+inconsistent checkpoint is one CheckpointError naming the file and the key or field.
+Writes ``config.json`` + safetensors that ``transformers`` reads back, replacing an earlier save as
+one atomic change (optkit.checkpoint_files says how).
 """
 
 from __future__ import annotations
@@ -12,23 +14,22 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
+from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENSORS,  # noqa: F401 - re-exported
+                                     SAFETENSORS_INDEX, Weights, capped, find_weights, interrupted_hint,
+                                     locked, quoted, read_json, read_weights, write_checkpoint, Writer)
 from optkit.errors import CheckpointError, CheckpointNotFoundError, SpecValidationError
 from optkit.formats import HEAD_PREFIXES, CheckpointFormat, format_for_config, format_for_spec
 from optkit.spec import ModelSpec
 
-CONFIG_NAME = "config.json"
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Floating dtypes a config's torch_dtype may name for dtype="auto".
+AUTO_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Keys that real checkpoints carry and no model needs (fairseq leftovers, rotary buffers).
 IGNORED_KEYS = re.compile(r"(^|\.)(version|_float_tensor|inv_freq)$")
 
@@ -38,6 +39,7 @@ def spec_from_hf_config(config: dict[str, Any], *, head: str = "causal_lm", num_
                         source: str | None = None) -> ModelSpec:
     """A transformers ``config.json`` as an optkit spec, through its family's format."""
     fmt = format_for_config(config, source)
+    fmt.check_config(config, source)
     if head not in fmt.head_classes:
         raise SpecValidationError([f"head: unknown head '{head}' (available: {', '.join(fmt.head_classes)})"])
     return fmt.spec_from_config(config, head=head, num_labels=num_labels, source=source)
@@ -102,47 +104,25 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, *, revision: str | Non
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The weight files of a checkpoint, safetensors preferred."""
-    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
-        index = directory / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (directory / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
-            return [directory / s for s in shards]
-    for name in (SAFETENSORS, PICKLE):
-        if (directory / name).is_file():
-            return [directory / name]
-    found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-    raise CheckpointError(f"no weights in {directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {PICKLE} or "
-                          f"{PICKLE_INDEX}; found {found}")
+    """The weight files of a checkpoint, safetensors preferred (an index names only files inside ``directory``)."""
+    return find_weights(directory).files
 
 
-def read_state_dict(files: Iterable[Path], *, progress: bool = False) -> dict[str, Tensor]:
-    """All tensors of the weight files; ``progress`` reports each file on stderr (for terminals)."""
-    from safetensors.torch import load_file
+def read_state_dict(files: Iterable[Path] | Weights, *, progress: bool = False) -> dict[str, Tensor]:
+    """All tensors of the weight files, each stored once; ``progress`` reports each file on stderr (for terminals).
 
-    files = list(files)
+    Given the ``Weights`` of a sharded checkpoint, the shards must also hold exactly what its index lists.
+    """
+    if not isinstance(files, Weights):
+        files = Weights(Path("."), tuple(str(path) for path in files))  # Path(".") / "/a/b" is "/a/b"
+    return read_weights(files, progress=progress)
+
+
+def _to_canonical(fmt: CheckpointFormat, raw: dict[str, Tensor], head_prefix: str
+                  ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Checkpoint keys -> optkit keys (keys of other heads are dropped), and each optkit key's name in the file."""
     state: dict[str, Tensor] = {}
-    for number, file in enumerate(files, 1):
-        if progress:
-            end = "\n" if number == len(files) else ""
-            print(f"\roptkit: reading weights {number}/{len(files)} ({file.name})", end=end, file=sys.stderr, flush=True)
-        if file.suffix == ".safetensors":
-            state.update(load_file(str(file)))
-        else:  # never unpickle arbitrary objects
-            try:
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"cannot read {file} with weights_only=True ({exc}); optkit refuses to "
-                                      "unpickle arbitrary objects: convert it to safetensors") from None
-    return state
-
-
-def _to_canonical(fmt: CheckpointFormat, raw: dict[str, Tensor], head_prefix: str) -> tuple[dict[str, Tensor], list[str]]:
-    """Checkpoint keys -> optkit keys; keys of other heads are dropped (and reported)."""
-    state, other_heads = {}, []
+    names: dict[str, str] = {}
     for key, tensor in raw.items():
         mapped = optkit_key(fmt, key)
         if mapped is None:
@@ -150,31 +130,51 @@ def _to_canonical(fmt: CheckpointFormat, raw: dict[str, Tensor], head_prefix: st
         if mapped.startswith("head["):
             prefix, rest = mapped[len("head["):].split("].", 1)
             if prefix != head_prefix:
-                other_heads.append(key)
                 continue
             mapped = "head." + rest
-        state[mapped] = tensor
-    return state, other_heads
+        if mapped in names:
+            raise CheckpointError(f"{quoted(names[mapped])} and {quoted(key)} are the same tensor (with and without "
+                                  "the 'model.' prefix); a checkpoint holds each tensor once: delete one of them")
+        state[mapped], names[mapped] = tensor, key
+    return state, names
+
+
+def _file_namer(fmt: CheckpointFormat, model: Any, raw: dict[str, Tensor], names: dict[str, str]
+                ) -> Callable[[str], str]:
+    """optkit key -> the name the checkpoint uses (or would use) for it, so users can grep their files."""
+    if raw:
+        bare = not any(key.startswith("model.") for key in raw)
+    else:
+        bare = model.spec.head.name == "base"
+    prefix = model.head.checkpoint_prefix
+    return lambda key: capped(names.get(key) or hf_key(fmt, key, prefix, base_model=bare))
 
 
 def load_weights(model: Any, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
                  source: str) -> None:
-    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch."""
-    state, _ = _to_canonical(format_for_spec(model.spec), raw, model.head.checkpoint_prefix)
+    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file."""
+    fmt = format_for_spec(model.spec)
+    state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
+    name = _file_namer(fmt, model, raw, names)
+    expected = dict(model.state_dict())
     tied = getattr(model.head, "tied", False)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if tied:
-        state.pop("head.weight", None)  # tied: the token embedding is the LM head
+    misshaped = [f"{name(k)} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    not_float = [f"{name(k)} ({str(state[k].dtype).removeprefix('torch.')}, model needs floating point)"
+                 for k in expected if k in state and expected[k].is_floating_point()
+                 and not state[k].is_floating_point()]
+    if tied:  # the token embedding is the LM head: a head tensor in the file only has to fit
+        state.pop("head.weight", None)
         expected.pop("head.weight", None)
     missing = [k for k in expected if k not in state]
-    head_missing = [k for k in missing if k.startswith("head.")]
-    missing = [k for k in missing if not k.startswith("head.")]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
-                 for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or misshaped:
+    head_missing = [name(k) for k in missing if k.startswith("head.")]
+    missing = [name(k) for k in missing if not k.startswith("head.")]
+    unexpected = [name(k) for k in state if k not in expected]
+    groups = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+              ("not floating point", not_float))
+    if any(keys for _, keys in groups):
         lines = [f"checkpoint {source} does not fit the model its config.json describes:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for label, keys in groups:
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise CheckpointError("\n".join(lines))
@@ -224,15 +224,29 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
     """
     directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
     config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
-    if dtype == "auto":
-        dtype = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
-    raw = read_state_dict(weight_files(directory), progress=sys.stderr.isatty() if progress is None else progress)
+    with locked(directory, shared=True):  # a save into this directory waits, so config and weights match
+        if not config_path.is_file():
+            raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one"
+                                  + interrupted_hint(directory))
+        config = read_json(config_path, what=CONFIG_NAME)
+        spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
+        if dtype == "auto":
+            dtype = config_dtype(config, source=str(config_path))
+        raw = read_state_dict(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
     return _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
                      dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
+
+
+def config_dtype(config: dict[str, Any], *, source: str) -> torch.dtype:
+    """The dtype a config's ``torch_dtype`` (or newer ``dtype``) names, for ``dtype="auto"``; float32 when unset."""
+    field = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
+    value = config.get(field) or "float32"
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    if name not in AUTO_DTYPES:
+        raise CheckpointError(f"{source}: field '{field}' is {quoted(value)}, not a floating-point dtype "
+                              f"({', '.join(AUTO_DTYPES)}); fix the field, or pass dtype=torch.float32 (or another) "
+                              "instead of dtype=\"auto\"")
+    return getattr(torch, name)
 
 
 def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,
@@ -265,26 +279,14 @@ def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """``config.json`` + safetensors in transformers' OPT layout (sharded with an index when large)."""
-    from safetensors.torch import save_file
+    """``config.json`` + safetensors in transformers' OPT layout (sharded with an index when large).
 
+    The save replaces the checkpoint already in ``directory`` as a whole (see optkit.checkpoint_files):
+    a crash or a full disk leaves the old checkpoint, the new one, or a directory that refuses to load,
+    never a mix. Other files in the directory are left alone.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     fmt = format_for_spec(model.spec)
     config = fmt.config_from_spec(model.spec, model.dtype)
     base = model.spec.head.name == "base"
@@ -295,19 +297,27 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
             continue
         tensors[hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)] = _standalone(tensor)
     shards = _shard(tensors, max_shard_bytes)
+    files: dict[str, Writer] = {}
     if len(shards) == 1:
-        _atomic_write(directory / SAFETENSORS, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        files[SAFETENSORS] = lambda path: _write_safetensors(shards[0], path)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(directory / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            files[name] = lambda path, shard=shard: _write_safetensors(shard, path)
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(directory / SAFETENSORS_INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        files[SAFETENSORS_INDEX] = lambda path: path.write_text(json.dumps(index, indent=2))
+    files[CONFIG_NAME] = lambda path: path.write_text(json.dumps(config, indent=2) + "\n")
+    write_checkpoint(directory, files)
     return directory
+
+
+def _write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _standalone(tensor: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import optkit
 from optkit.errors import CheckpointError, CheckpointNotFoundError, InputError, SpecValidationError
-from hf_oracle import VARIANTS, batch, hf_model
+from tests.helpers import VARIANTS, batch, hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +73,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, variant, head):
     hf.save_pretrained(tmp_path / "in")
     model = optkit.from_pretrained(tmp_path / "in", head=head)
     model.save_pretrained(tmp_path / "out")
-    from hf_oracle import HF_CLASSES
+    from tests.helpers import HF_CLASSES
 
     reloaded = getattr(transformers, HF_CLASSES[head]).from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids, mask = batch(seed=2)
@@ -123,15 +123,17 @@ def test_missing_unexpected_and_misshaped_listed_in_one_error(tmp_path, referenc
         optkit.from_pretrained(directory)
     message = str(info.value)
     assert "does not fit the model its config.json describes" in message
-    assert "missing (1): decoder.layers.0.mlp.fc1.bias" in message
-    assert "unexpected (1): decoder.extra_thing" in message
-    assert "mis-shaped (1): decoder.layers.1.self_attn.q_proj.weight (checkpoint [5, 5], model [32, 32])" in message
+    # named as the file names them (grep-able), not by optkit's module paths (decoder.layers.0.mlp.fc1)
+    assert "missing (1): model.decoder.layers.0.fc1.bias" in message
+    assert "unexpected (1): model.decoder.extra_thing" in message
+    assert ("mis-shaped (1): model.decoder.layers.1.self_attn.q_proj.weight (checkpoint [5, 5], model [32, 32])"
+            in message)
 
 
 def test_head_weights_missing_are_initialized_with_a_warning(tmp_path, reference):
     _, config, state = reference
     directory = write_checkpoint(tmp_path / "c", config, state)
-    with pytest.warns(UserWarning, match=r"no weights for the sequence_classification head \(head.weight\)"):
+    with pytest.warns(UserWarning, match=r"no weights for the sequence_classification head \(score.weight\)"):
         model = optkit.from_pretrained(directory, head="sequence_classification", num_labels=4)
     assert model.head.weight.shape == (4, 32) and model.head.weight.is_meta is False
     base = optkit.from_pretrained(directory, head="base")  # lm_head.weight belongs to another head: ignored

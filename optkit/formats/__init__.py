@@ -6,7 +6,9 @@ edit to the loader.
 
 from __future__ import annotations
 
+import json
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +18,50 @@ from optkit.errors import CheckpointError
 from optkit.spec import ModelSpec
 
 HEAD_PREFIXES = ("lm_head", "score", "qa_outputs")
+
+# JSON kinds a config field may have: int (not bool), float (any number), bool, str, dict, list, None (null).
+Kinds = tuple[Any, ...]
+INT: Kinds = (int,)
+NUMBER: Kinds = (float,)
+BOOL: Kinds = (bool,)
+STR: Kinds = (str,)
+# Fields every family reads the same way (heads and special tokens).
+COMMON_CONFIG_TYPES: dict[str, Kinds] = {
+    "tie_word_embeddings": BOOL, "num_labels": INT, "id2label": (dict,), "problem_type": (str, None),
+    "pad_token_id": (int, None), "bos_token_id": (int, None), "eos_token_id": (int, None),
+}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+               list: "a list", None: "null"}
+
+
+def _fits(value: Any, kinds: Kinds) -> bool:
+    """Whether a JSON value has one of the kinds (true/false never counts as a number)."""
+    for kind in kinds:
+        if kind is None:
+            if value is None:
+                return True
+        elif isinstance(value, bool):
+            if kind is bool:
+                return True
+        elif kind is float and isinstance(value, (int, float)) or kind is not float and isinstance(value, kind):
+            return True
+    return False
+
+
+def _as_json(value: Any) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_config_types(config: dict[str, Any], types: dict[str, Kinds], source: str | None) -> None:
+    """One CheckpointError naming every config field whose JSON type is wrong (``"yes"`` for a boolean...).
+
+    Values of the right type but out of range are the spec's to judge (SpecValidationError).
+    """
+    problems = [f"field '{name}' must be {' or '.join(_KIND_NAMES[k] for k in kinds)}, got {_as_json(config[name])}"
+                for name, kinds in types.items() if name in config and not _fits(config[name], kinds)]
+    if problems:
+        raise CheckpointError(f"{source or 'config.json'}: " + "; ".join(problems) + ". Fix the field(s) in the file")
 
 
 @dataclass(frozen=True)
@@ -34,6 +80,11 @@ class CheckpointFormat:
     renames: tuple[tuple[str, str], ...] = ()
     inverse: tuple[tuple[str, str], ...] = ()
     head_classes: dict[str, str] = field(default_factory=dict)
+    config_types: dict[str, Kinds] = field(default_factory=dict)  # config.json field -> the JSON kinds it may have
+
+    def check_config(self, config: dict[str, Any], source: str | None = None) -> None:
+        """Refuse config fields of the wrong JSON type, naming the file and each field."""
+        check_config_types(config, {**COMMON_CONFIG_TYPES, **self.config_types}, source)
 
     def optkit_key(self, key: str) -> str:
         for pattern, replacement in self.renames:
@@ -79,8 +130,8 @@ def _load_builtin() -> None:
 def format_for_config(config: dict[str, Any], source: str | None = None) -> CheckpointFormat:
     _load_builtin()
     model_type = config.get("model_type")
-    if model_type not in FORMATS:
-        raise CheckpointError(f"{source or 'config.json'}: model_type is {model_type!r}; optkit loads "
+    if not isinstance(model_type, str) or model_type not in FORMATS:
+        raise CheckpointError(f"{source or 'config.json'}: model_type is {reprlib.repr(model_type)}; optkit loads "
                               + ", ".join(repr(m) for m in sorted(FORMATS)) + " checkpoints")
     return FORMATS[model_type]
 

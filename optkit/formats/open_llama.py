@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from optkit.errors import SpecValidationError
-from optkit.formats import CheckpointFormat, register_format, with_head_and_dtype
+from optkit.formats import BOOL, INT, NUMBER, STR, CheckpointFormat, register_format, with_head_and_dtype
 from optkit.spec import ModelSpec, validate_spec
 
 MODEL_TYPE = "open-llama"
@@ -25,6 +25,12 @@ HEAD_CLASSES = {
 }
 STABLE_EPS = 1e-5  # transformers builds the stable-embedding LayerNorm with nn.LayerNorm's default
 SCALINGS = ("linear", "dynamic")
+CONFIG_TYPES = {  # rope_scaling has its own check (_rope_scaling)
+    "vocab_size": INT, "hidden_size": INT, "intermediate_size": INT, "num_hidden_layers": INT,
+    "num_attention_heads": INT, "max_position_embeddings": INT, "rope_theta": NUMBER, "rms_norm_eps": NUMBER,
+    "initializer_range": NUMBER, "hidden_act": STR, "hidden_dropout_prob": NUMBER, "attention_dropout_prob": NUMBER,
+    "use_stable_embedding": BOOL, "shared_input_output_embedding": BOOL,
+}
 
 # transformers key (``model.`` already stripped) -> optkit module path; applied in order.
 RENAMES = (
@@ -205,4 +211,5 @@ OPEN_LLAMA = register_format(CheckpointFormat(
     renames=RENAMES,
     inverse=INVERSE,
     head_classes=HEAD_CLASSES,
+    config_types=CONFIG_TYPES,
 ))

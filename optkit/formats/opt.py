@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from optkit.errors import SpecValidationError
-from optkit.formats import CheckpointFormat, register_format, with_head_and_dtype
+from optkit.formats import BOOL, INT, NUMBER, STR, CheckpointFormat, register_format, with_head_and_dtype
 from optkit.spec import ModelSpec, validate_spec
 
 HEAD_CLASSES = {
@@ -15,6 +15,13 @@ HEAD_CLASSES = {
     "base": "OPTModel",
     "sequence_classification": "OPTForSequenceClassification",
     "question_answering": "OPTForQuestionAnswering",
+}
+CONFIG_TYPES = {
+    "vocab_size": INT, "hidden_size": INT, "num_hidden_layers": INT, "num_attention_heads": INT, "ffn_dim": INT,
+    "max_position_embeddings": INT, "word_embed_proj_dim": (int, None), "do_layer_norm_before": BOOL,
+    "_remove_final_layer_norm": BOOL, "enable_bias": BOOL, "layer_norm_elementwise_affine": BOOL,
+    "activation_function": STR, "dropout": NUMBER, "attention_dropout": NUMBER, "layerdrop": NUMBER,
+    "init_std": NUMBER,
 }
 
 def spec_from_config(config: dict[str, Any], *, head: str = "causal_lm", num_labels: int | None = None,
@@ -113,4 +120,5 @@ OPT = register_format(CheckpointFormat(
     renames=((r"^(decoder\.layers\.\d+\.)(fc1|fc2)\.", r"\1mlp.\2."),),
     inverse=((r"^(decoder\.layers\.\d+\.)mlp\.(fc1|fc2)\.", r"\1\2."),),
     head_classes=HEAD_CLASSES,
+    config_types=CONFIG_TYPES,
 ))
