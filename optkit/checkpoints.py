@@ -1,11 +1,11 @@
-"""Hugging Face checkpoints in and out (OPT, and every family in optkit.formats).
+"""Hugging Face checkpoint files in and out (OPT, and every family in optkit.formats).
 
 Reads ``config.json`` + weights (``model.safetensors``, sharded safetensors with an
 index, or ``pytorch_model.bin`` loaded with ``weights_only=True``; never arbitrary
 pickle), with or without the ``model.`` prefix and with or without ``lm_head.weight``; a damaged or
 inconsistent checkpoint is one CheckpointError naming the file and the key or field.
 Writes ``config.json`` + safetensors that ``transformers`` reads back, replacing an earlier save as
-one atomic change (optkit.checkpoint_files says how).
+one atomic change (optkit.checkpoint_files says how). Turning the files into a model is optkit.loading.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,8 +20,8 @@ import torch
 from torch import Tensor
 
 from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENSORS,  # noqa: F401 - re-exported
-                                     SAFETENSORS_INDEX, Weights, capped, find_weights, interrupted_hint,
-                                     locked, quoted, read_json, read_weights, write_checkpoint, Writer)
+                                     SAFETENSORS_INDEX, Weights, capped, find_weights, quoted, read_weights,
+                                     write_checkpoint, Writer)
 from optkit.errors import CheckpointError, CheckpointNotFoundError, SpecValidationError
 from optkit.formats import HEAD_PREFIXES, CheckpointFormat, format_for_config, format_for_spec
 from optkit.spec import ModelSpec
@@ -150,93 +148,6 @@ def _file_namer(fmt: CheckpointFormat, model: Any, raw: dict[str, Tensor], names
     return lambda key: capped(names.get(key) or hf_key(fmt, key, prefix, base_model=bare))
 
 
-def load_weights(model: Any, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
-                 source: str) -> None:
-    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file."""
-    fmt = format_for_spec(model.spec)
-    state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
-    name = _file_namer(fmt, model, raw, names)
-    expected = dict(model.state_dict())
-    tied = getattr(model.head, "tied", False)
-    misshaped = [f"{name(k)} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
-                 for k in expected if k in state and state[k].shape != expected[k].shape]
-    not_float = [f"{name(k)} ({str(state[k].dtype).removeprefix('torch.')}, model needs floating point)"
-                 for k in expected if k in state and expected[k].is_floating_point()
-                 and not state[k].is_floating_point()]
-    if tied:  # the token embedding is the LM head: a head tensor in the file only has to fit
-        state.pop("head.weight", None)
-        expected.pop("head.weight", None)
-    missing = [k for k in expected if k not in state]
-    head_missing = [name(k) for k in missing if k.startswith("head.")]
-    missing = [name(k) for k in missing if not k.startswith("head.")]
-    unexpected = [name(k) for k in state if k not in expected]
-    groups = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
-              ("not floating point", not_float))
-    if any(keys for _, keys in groups):
-        lines = [f"checkpoint {source} does not fit the model its config.json describes:"]
-        for label, keys in groups:
-            if keys:
-                lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
-    if head_missing:
-        state.update(_fresh_head_state(model, device, dtype))
-        warnings.warn(f"{source} has no weights for the {model.spec.head.name} head "
-                      f"({', '.join(head_missing)}): they are newly initialized; train them before use",
-                      stacklevel=3)
-    # One decoder layer on the device at a time: int8 linears quantize as they land, so no full copy exists.
-    for group in _by_layer(state):
-        model.load_state_dict({k: _place(t, device, dtype) for k, t in group.items()}, strict=False, assign=True)
-    model.tie_weights()
-
-
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def _by_layer(state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    """Checkpoint tensors grouped per decoder layer (everything else in one group)."""
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in state.items():
-        match = _LAYER_KEY.match(key)
-        groups.setdefault(match[1] if match else "", {})[key] = tensor
-    return list(groups.values())
-
-
-def _place(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
-
-
-def _fresh_head_state(model: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    from optkit.builder import build_head
-
-    head = build_head(model, device, dtype)
-    return {f"head.{k}": v.to(dtype) for k, v in head.state_dict().items()}
-
-
-def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", attention: Any = None,
-                    linear: Any = None, kv_cache: Any = None, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, num_labels: int | None = None,
-                    revision: str | None = None, local_files_only: bool | None = None,
-                    progress: bool | None = None) -> Any:
-    """Load an OPT checkpoint (directory or Hub id) into an optkit model.
-
-    ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
-    checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
-    """
-    directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
-    config_path = directory / CONFIG_NAME
-    with locked(directory, shared=True):  # a save into this directory waits, so config and weights match
-        if not config_path.is_file():
-            raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one"
-                                  + interrupted_hint(directory))
-        config = read_json(config_path, what=CONFIG_NAME)
-        spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
-        if dtype == "auto":
-            dtype = config_dtype(config, source=str(config_path))
-        raw = read_state_dict(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
-    return _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
-                     dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
-
-
 def config_dtype(config: dict[str, Any], *, source: str) -> torch.dtype:
     """The dtype a config's ``torch_dtype`` (or newer ``dtype``) names, for ``dtype="auto"``; float32 when unset."""
     field = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
@@ -248,34 +159,6 @@ def config_dtype(config: dict[str, Any], *, source: str) -> torch.dtype:
                               "instead of dtype=\"auto\"")
     return getattr(torch, name)
 
-
-def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,
-                      kv_cache: Any = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                      num_labels: int | None = None) -> Any:
-    """An optkit model from a loaded transformers model (OPT; Open-Llama where that transformers version still
-    has it), without a round trip to disk.
-
-    Tensors that already have the wanted device and dtype (by default the transformers model's) are
-    shared, not copied: both models then read the same memory, so later in-place changes show in both.
-    """
-    name = type(hf_model).__name__
-    spec = spec_from_hf_config(hf_model.config.to_dict(), head=head, num_labels=num_labels, source=f"{name}.config")
-    parameter = next(hf_model.parameters())
-    return _assemble(spec, hf_model.state_dict(), source=name, attention=attention, linear=linear,
-                     kv_cache=kv_cache, dtype=dtype or parameter.dtype, device=torch.device(device or parameter.device))
-
-
-def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention: Any, linear: Any, kv_cache: Any,
-              dtype: torch.dtype, device: torch.device) -> Any:
-    """Model built on "meta" with the chosen components, then the checkpoint's tensors put in place."""
-    from optkit.builder import build
-
-    spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
-    model = build(spec, dtype=dtype, device="meta", target_device=device)
-    load_weights(model, raw, device=device, dtype=dtype, source=source)
-    from optkit.inference.transform import prepare
-
-    return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -290,7 +173,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     fmt = format_for_spec(model.spec)
     config = fmt.config_from_spec(model.spec, model.dtype)
     base = model.spec.head.name == "base"
-    tied = getattr(model.head, "tied", False)
+    tied = model.head.tied
     tensors = {}
     for key, tensor in model.state_dict().items():
         if tied and key == "head.weight":

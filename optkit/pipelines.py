@@ -54,7 +54,7 @@ def _load_tokenizer(source: Any) -> Any:
 
 def _load_model(source: Any, dtype: Any, device: Any, attention: str | None, linear: str | None = None) -> Any:
     from optkit.builder import set_backend
-    from optkit.checkpoints import from_pretrained
+    from optkit.loading import from_pretrained
     from optkit.model import Model
 
     if not isinstance(source, Model):

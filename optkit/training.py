@@ -312,7 +312,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _load_weights(model: nn.Module, out_dir: Path) -> None:
-    from optkit.checkpoints import from_pretrained
+    from optkit.loading import from_pretrained
 
     saved = from_pretrained(out_dir, dtype=model.dtype)
     model.load_state_dict(saved.state_dict())

@@ -1,0 +1,137 @@
+"""Loading checkpoints into models: build on the meta device, put each tensor in place, prepare for inference.
+
+``optkit.checkpoints`` knows the files (reading, key names per family, saving); this room turns them
+into a model, so it may use the builder and the inference transform while the files layer stays
+importable from ``model.py`` (``Model.save_pretrained``) without an import cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optkit.builder import build, build_head
+from optkit.checkpoint_files import find_weights, interrupted_hint, locked, read_json
+from optkit.checkpoints import (CONFIG_NAME, _file_namer, _to_canonical, config_dtype, read_state_dict,
+                                resolve_checkpoint_dir, spec_from_hf_config)
+from optkit.errors import CheckpointError
+from optkit.formats import format_for_spec
+from optkit.inference.transform import prepare
+from optkit.model import Model
+from optkit.spec import ModelSpec
+
+
+def load_weights(model: Model, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
+                 source: str) -> None:
+    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file."""
+    fmt = format_for_spec(model.spec)
+    state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
+    name = _file_namer(fmt, model, raw, names)
+    expected = dict(model.state_dict())
+    tied = model.head.tied
+    misshaped = [f"{name(k)} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    not_float = [f"{name(k)} ({str(state[k].dtype).removeprefix('torch.')}, model needs floating point)"
+                 for k in expected if k in state and expected[k].is_floating_point()
+                 and not state[k].is_floating_point()]
+    if tied:  # the token embedding is the LM head: a head tensor in the file only has to fit
+        state.pop("head.weight", None)
+        expected.pop("head.weight", None)
+    missing = [k for k in expected if k not in state]
+    head_missing = [name(k) for k in missing if k.startswith("head.")]
+    missing = [name(k) for k in missing if not k.startswith("head.")]
+    unexpected = [name(k) for k in state if k not in expected]
+    groups = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+              ("not floating point", not_float))
+    if any(keys for _, keys in groups):
+        lines = [f"checkpoint {source} does not fit the model its config.json describes:"]
+        for label, keys in groups:
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    if head_missing:
+        state.update(_fresh_head_state(model, device, dtype))
+        warnings.warn(f"{source} has no weights for the {model.spec.head.name} head "
+                      f"({', '.join(head_missing)}): they are newly initialized; train them before use",
+                      stacklevel=3)
+    # One decoder layer on the device at a time: int8 linears quantize as they land, so no full copy exists.
+    for group in _by_layer(state):
+        model.load_state_dict({k: _place(t, device, dtype) for k, t in group.items()}, strict=False, assign=True)
+    model.tie_weights()
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _by_layer(state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Checkpoint tensors grouped per decoder layer (everything else in one group)."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        match = _LAYER_KEY.match(key)
+        groups.setdefault(match[1] if match else "", {})[key] = tensor
+    return list(groups.values())
+
+
+def _place(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+
+
+def _fresh_head_state(model: Model, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    head = build_head(model, device, dtype)
+    return {f"head.{k}": v.to(dtype) for k, v in head.state_dict().items()}
+
+
+def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", attention: Any = None,
+                    linear: Any = None, kv_cache: Any = None, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, num_labels: int | None = None,
+                    revision: str | None = None, local_files_only: bool | None = None,
+                    progress: bool | None = None) -> Model:
+    """Load an OPT checkpoint (directory or Hub id) into an optkit model.
+
+    ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
+    checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
+    """
+    directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
+    config_path = directory / CONFIG_NAME
+    with locked(directory, shared=True):  # a save into this directory waits, so config and weights match
+        if not config_path.is_file():
+            raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one"
+                                  + interrupted_hint(directory))
+        config = read_json(config_path, what=CONFIG_NAME)
+        spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
+        if dtype == "auto":
+            dtype = config_dtype(config, source=str(config_path))
+        raw = read_state_dict(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
+    return _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
+                     dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
+
+
+def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,
+                      kv_cache: Any = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                      num_labels: int | None = None) -> Model:
+    """An optkit model from a loaded transformers model (OPT; Open-Llama where that transformers version still
+    has it), without a round trip to disk.
+
+    Tensors that already have the wanted device and dtype (by default the transformers model's) are
+    shared, not copied: both models then read the same memory, so later in-place changes show in both.
+    """
+    name = type(hf_model).__name__
+    spec = spec_from_hf_config(hf_model.config.to_dict(), head=head, num_labels=num_labels, source=f"{name}.config")
+    parameter = next(hf_model.parameters())
+    return _assemble(spec, hf_model.state_dict(), source=name, attention=attention, linear=linear,
+                     kv_cache=kv_cache, dtype=dtype or parameter.dtype, device=torch.device(device or parameter.device))
+
+
+def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention: Any, linear: Any, kv_cache: Any,
+              dtype: torch.dtype, device: torch.device) -> Model:
+    """Model built on "meta" with the chosen components, then the checkpoint's tensors put in place."""
+    spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
+    model = build(spec, dtype=dtype, device="meta", target_device=device)
+    load_weights(model, raw, device=device, dtype=dtype, source=source)
+    return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
