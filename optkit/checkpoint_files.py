@@ -297,7 +297,8 @@ def _write_staged(directory: Path, staging: Path, name: str, write: Writer) -> N
 def _swap_in(directory: Path, staging: Path, names: list[str]) -> None:
     """Move the staged files in: old config out first, new config in last (see the module doc)."""
     previous = staging / "previous"
-    old = sorted(checkpoint_files_in(directory), key=lambda name: name != CONFIG_NAME)
+    replaced = {name for name in names if (directory / name).is_file()}  # e.g. a trainer state: undoable too
+    old = sorted(set(checkpoint_files_in(directory)) | replaced, key=lambda name: name != CONFIG_NAME)
     new = sorted(names, key=lambda name: (name == CONFIG_NAME, name in (SAFETENSORS, SAFETENSORS_INDEX)))
     aside: list[str] = []
     placed: list[str] = []

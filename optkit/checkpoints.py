@@ -162,12 +162,14 @@ def config_dtype(config: dict[str, Any], *, source: str) -> torch.dtype:
 
 
 # -- writing ------------------------------------------------------------------------------------
-def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> Path:
+def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+                    extra_files: dict[str, Writer] | None = None) -> Path:
     """``config.json`` + safetensors in transformers' OPT layout (sharded with an index when large).
 
     The save replaces the checkpoint already in ``directory`` as a whole (see optkit.checkpoint_files):
     a crash or a full disk leaves the old checkpoint, the new one, or a directory that refuses to load,
-    never a mix. Other files in the directory are left alone.
+    never a mix. Other files in the directory are left alone. ``extra_files`` (name -> writer of a path)
+    are written in the same all-or-nothing step, e.g. a trainer's state next to its weights.
     """
     directory = Path(directory)
     fmt = format_for_spec(model.spec)
@@ -192,6 +194,10 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         files[SAFETENSORS_INDEX] = lambda path: path.write_text(json.dumps(index, indent=2))
+    for name, write in (extra_files or {}).items():
+        if name in files or name == CONFIG_NAME:
+            raise ValueError(f"extra_files: {name} is a file of the checkpoint itself")
+        files[name] = write
     files[CONFIG_NAME] = lambda path: path.write_text(json.dumps(config, indent=2) + "\n")
     write_checkpoint(directory, files)
     return directory

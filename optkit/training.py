@@ -13,8 +13,8 @@ with the same weights as an uninterrupted one.
 Checkpoints: ``out_dir`` holds ``config.json`` + ``model.safetensors`` (``save_pretrained``, so
 transformers and ``optkit.from_pretrained`` load it) and ``trainer_state.pt`` (optimizer,
 scheduler, step, history; only tensors and plain numbers, so ``torch.load(weights_only=True)``
-reads it). A checkpoint is first written whole into ``out_dir/.staging`` and then moved in,
-``trainer_state.pt`` last, so an interruption never leaves weights and state that disagree.
+reads it). Weights and state are one ``save_pretrained`` (``extra_files``): written whole, then
+swapped in with ``config.json`` last, so an interruption never leaves weights and state that disagree.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from typing import Any, TextIO
 
 import torch
 from torch import Tensor, nn
+
+from optkit.checkpoint_files import CONFIG_NAME, interrupted_hint
+from optkit.errors import CheckpointError
 
 TRAINER_STATE = "trainer_state.pt"
 STAGING = ".staging"
@@ -283,32 +286,24 @@ def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 8) -> flo
 # ---------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any],
                     out_dir: Path) -> None:
-    """Stage the whole checkpoint, then move it in with trainer_state.pt last (see module doc)."""
-    staging = out_dir / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    """Weights and trainer state as one atomic save (see module doc): never one without the other."""
     payload = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    torch.save(payload, staging / (TRAINER_STATE + ".tmp"))
-    os.replace(staging / (TRAINER_STATE + ".tmp"), staging / TRAINER_STATE)  # staging is now complete
-    _commit_staging(out_dir)
-
-
-def _commit_staging(out_dir: Path) -> None:
-    """Finish moving a complete staged checkpoint in; drop an incomplete one."""
-    staging = out_dir / STAGING
-    if not staging.is_dir():
-        return
-    if (staging / TRAINER_STATE).is_file():
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == TRAINER_STATE):
-            os.replace(path, out_dir / path.name)
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out_dir / STAGING, ignore_errors=True)  # left by an older optkit's checkpoint writer
+    model.save_pretrained(out_dir, extra_files={TRAINER_STATE: lambda path: torch.save(payload, path)})
 
 
 def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
-    """The trainer state of the last complete checkpoint in ``out_dir``, or None."""
-    _commit_staging(out_dir)
+    """The trainer state of the last complete checkpoint in ``out_dir``, or None.
+
+    Complete means its config.json is there: the save writes it last, after the weights and this state.
+    """
     path = out_dir / TRAINER_STATE
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if not path.is_file():
+        return None
+    if not (out_dir / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{out_dir} holds a trainer state but no {CONFIG_NAME}: its last checkpoint save was "
+                              f"interrupted{interrupted_hint(out_dir)}; restore those files or pass resume=False")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_weights(model: nn.Module, out_dir: Path) -> None:

@@ -112,16 +112,27 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, corpus, toke
         assert torch.equal(value, expected[key]), key
 
 
-def test_incomplete_staged_checkpoint_is_dropped_and_complete_one_committed(tmp_path, corpus, tokenizer):
-    run(tmp_path, corpus, tokenizer, steps=4, eval_every=4)
-    staging = tmp_path / training.STAGING
-    staging.mkdir()
-    (staging / "model.safetensors").write_bytes(b"half written")
-    assert training.load_checkpoint(tmp_path)["step"] == 4  # no trainer_state in staging: discarded
-    assert not staging.exists()
-    staging.mkdir()
-    torch.save({"step": 99}, staging / TRAINER_STATE)  # complete staging: moved in
-    assert training.load_checkpoint(tmp_path)["step"] == 99
+def test_weights_and_trainer_state_are_saved_as_one(tmp_path, corpus, tokenizer, monkeypatch):
+    first = run(tmp_path, corpus, tokenizer, steps=4, eval_every=4)
+    saved = weights(optkit.from_pretrained(tmp_path))
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith(TRAINER_STATE) or TRAINER_STATE in str(path):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(optkit.CheckpointError, match=TRAINER_STATE):
+        training.save_checkpoint(first.model, torch.optim.SGD(first.model.parameters(), lr=1.0),
+                                 torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1),
+                                 {"step": 99}, tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert training.load_checkpoint(tmp_path)["step"] == 4  # the old state, with the old weights
+    assert all(torch.equal(v, saved[k]) for k, v in weights(optkit.from_pretrained(tmp_path)).items())
+    (tmp_path / "config.json").unlink()  # as a save killed between its first and last rename leaves it
+    with pytest.raises(optkit.CheckpointError, match="interrupted"):
+        training.load_checkpoint(tmp_path)
 
 
 def test_explicit_held_out_corpus_and_no_resume(tmp_path, corpus, tokenizer):
