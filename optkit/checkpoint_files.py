@@ -261,7 +261,8 @@ def write_checkpoint(directory: Path, files: dict[str, Writer]) -> None:
     except OSError as exc:
         raise CheckpointError(f"cannot create the checkpoint directory {directory}: {_cause(exc)}") from exc
     with locked(directory):
-        remove_leftovers(directory)
+        if (directory / CONFIG_NAME).is_file():  # else a killed save's folder holds the only copy of the old files
+            remove_leftovers(directory)
         staging = directory / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             staging.mkdir()
@@ -278,6 +279,7 @@ def write_checkpoint(directory: Path, files: dict[str, Writer]) -> None:
             raise
         with locked(directory):  # loaders wait for the swap, so none of them sees it half done
             _swap_in(directory, staging, list(files))
+            remove_leftovers(directory)  # committed: what earlier killed saves left is now superseded
     finally:
         if live is not None:
             os.close(live)
