@@ -1,4 +1,8 @@
-"""The ``optkit`` command line."""
+"""The ``optkit`` command line.
+
+Heavy modules (torch, the model code) are imported inside the commands, so that ``main`` is already
+running, and a Ctrl-C during start-up is an exit status 130 with one line instead of a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,23 @@ import json
 import sys
 from typing import Callable
 
-import torch
-
 from optkit.errors import OptkitError
 
 
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    import torch
+
     from optkit import registry
 
     registry.ensure_loaded()
     if args.json:
-        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        device, dtype = torch.device(_device(args.device)), getattr(torch, args.dtype)
         print(json.dumps([{"name": p.name, "distribution": p.distribution, "version": p.version,
                            "status": p.status, "reason": p.reason,
                            "components": [f"{k}:{n}" for k, n in p.components],
@@ -25,7 +35,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                                         if (r := registry.get(k, n).unavailable_reasons(device, dtype))}}
                           for p in registry.plugins], indent=2))
         return 0
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(_device(args.device)), getattr(torch, args.dtype)
     for p in registry.plugins:
         status = p.status if not p.reason else f"{p.status}: {p.reason}"
         print(f"{p.name} ({p.distribution} {p.version}) [{status}]")
@@ -40,10 +50,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     """Every component, usable or not on this machine, with the reasons (like xformers.info)."""
+    import torch
+
     from optkit import registry
     from optkit.presets import registry_file
 
-    device = torch.device(args.device)
+    device = torch.device(_device(args.device))
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}; cuda available: {torch.cuda.is_available()}; checking {device.type}/{args.dtype}")
     for entry in registry.registrations():
@@ -58,21 +70,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """Check every spec given, report each (ok on stdout, INVALID with its problems on stderr); exit 1 if any failed."""
     from optkit.spec import load_spec
 
     failed = 0
     for source in args.specs:
         try:
             spec = load_spec(source)
-        except OptkitError as exc:
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not hide the others' reports
+            if args.debug:
+                raise
             failed += 1
-            print(f"{source}: INVALID\n{exc}", file=sys.stderr)
+            detail = str(exc) if isinstance(exc, OptkitError) else f"  - cannot be read: {type(exc).__name__}: {exc}"
+            print(f"{source}: INVALID\n{detail}", file=sys.stderr)
             continue
         print(f"{source}: ok ({spec.decoder.num_layers} layers, hidden {spec.decoder.hidden_size}, "
               f"attention {spec.decoder.attention.name}, head {spec.head.name})")
         if args.show:
             print(spec.to_yaml())
     return 1 if failed else 0
+
+
+def _cmd_validate_deprecated(args: argparse.Namespace) -> int:
+    print("optkit: 'optkit validate' is deprecated; use 'optkit spec validate'", file=sys.stderr)
+    return _cmd_validate(args)
 
 
 def _cmd_spec_show(args: argparse.Namespace) -> int:
@@ -93,26 +114,44 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Per device: what would be placed there, weight and KV-cache bytes, and whether it fits (nothing allocated)."""
+    from optkit.errors import InputError
+    from optkit.placement import plan
+
+    max_memory = None
+    if args.max_memory:
+        max_memory = {}
+        for pair in args.max_memory.split(","):
+            device, sep, size = pair.partition("=")
+            if not sep:
+                raise InputError(f"--max-memory: {pair!r} is not DEVICE=SIZE (e.g. 0=80GiB,cpu=200GiB,disk=2TB)")
+            max_memory[device.strip()] = size.strip()
+    result = plan(args.model, dtype=args.dtype, max_memory=max_memory, batch=args.batch, max_length=args.max_length,
+                  device_map=args.device_map)
+    print(result)
+    return 0 if result.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optkit", description="Assemble, load and run OPT-family models.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("plugins", help="list installed plugins, their status and what they register")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="judge usability for this device")
+    p.add_argument("--device", default=None, help="judge usability for this device (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--usable", action=argparse.BooleanOptionalAction, default=True,
                    help="say which components cannot run here, and why (default: on)")
     p.set_defaults(func=_cmd_plugins)
     p = sub.add_parser("info", help="which components can run here, and why not")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("validate", help="validate model spec YAML files or preset names")
+    p = sub.add_parser("validate")  # deprecated alias of `spec validate`: no help, so not listed
     p.add_argument("specs", nargs="+")
     p.add_argument("--show", action="store_true", help="print the resolved spec")
-    p.set_defaults(func=_cmd_validate)
+    p.set_defaults(func=_cmd_validate_deprecated)
     p = sub.add_parser("presets", help="list model presets from registry.yaml")
     p.set_defaults(func=_cmd_presets)
     spec = sub.add_parser("spec", help="show or validate model specs").add_subparsers(dest="spec_command", required=True)
@@ -123,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+")
     p.add_argument("--show", action="store_true", help="print the resolved spec")
     p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("plan", help="which devices a model would occupy (weights + KV cache), without loading it")
+    p.add_argument("model", help="preset name or alias, or a spec YAML file")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"])
+    p.add_argument("--max-memory", default=None, help="DEVICE=SIZE pairs, e.g. 0=80GiB,1=80GiB,cpu=200GiB,disk=2TB "
+                   "(default: this machine's free memory)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (sizes the KV cache)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the model's positions)")
+    p.add_argument("--device-map", default="auto", choices=["auto", "balanced", "sequential"])
+    p.set_defaults(func=_cmd_plan)
     _register_extra_commands(sub)
     return parser
 
@@ -142,22 +190,28 @@ def _register_extra_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:  # anywhere: while importing, loading, generating
+        print("optkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
     except BrokenPipeError:  # e.g. `optkit plugins | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("optkit: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
         if args.debug:
             raise
-        kind = "error" if isinstance(exc, OptkitError) else f"error ({type(exc).__name__})"
-        print(f"optkit: {kind}: {exc} (run with --debug for the traceback)"
-              if not isinstance(exc, OptkitError) else f"optkit: {kind}: {exc}", file=sys.stderr)
+        if isinstance(exc, OptkitError):
+            print(f"optkit: error: {exc}", file=sys.stderr)
+        else:
+            print(f"optkit: error ({type(exc).__name__}): {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

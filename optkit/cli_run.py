@@ -16,6 +16,9 @@ its tokenizer files, or a Hugging Face hub id).
 
 The prompt is --prompt, or else every non-empty line of standard input is one prompt, e.g.
   echo -e "Hello\nThe meaning of life is" | optkit run --max-new-tokens 20
+Standard input is read to its end and decoded as UTF-8 (a leading BOM is skipped); input that is not
+UTF-8, or holds a NUL byte, is refused with one line naming the byte. Every prompt is checked before
+anything is printed.
 
 Each prompt and its continuation are printed on stdout, followed by a newline. With --stream
 (the default) text is printed as it is generated; beam search (--num-beams > 1) prints at the end.
@@ -52,12 +55,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt, else one prompt per non-empty line of stdin (read whole, decoded as UTF-8)."""
     if args.prompt is not None:
-        return [args.prompt]
-    prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        return [_checked_text(_as_bytes(args.prompt), "--prompt")]
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:
+        raise InputError("no prompt: standard input is closed; pass --prompt TEXT or pipe prompts on stdin")
+    try:
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else _as_bytes(stdin.read())
+    except OSError as exc:  # e.g. fd 0 closed under a still-open sys.stdin
+        raise InputError(f"no prompt: standard input cannot be read ({exc.strerror or exc}); "
+                         "pass --prompt TEXT") from None
+    text = _checked_text(data.removeprefix(b"\xef\xbb\xbf"), "standard input")  # a UTF-8 BOM is not a prompt
+    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not prompts:
         raise InputError("no prompt: pass --prompt TEXT or pipe prompts on stdin, one per line")
     return prompts
+
+
+def _as_bytes(text: str) -> bytes:
+    """The bytes a str was decoded from: arguments that were not UTF-8 arrive as surrogate escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escape: keep it, so the check reports it
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _checked_text(data: bytes, source: str) -> str:
+    """Prompts are UTF-8 text: invalid UTF-8 or a NUL byte (binary input) is one error naming the byte,
+    raised before the model is loaded or anything is printed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{source} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                         f"(line {_line_of(data, exc.start)}); convert it, e.g. with iconv -t UTF-8") from None
+    if "\0" in text:
+        offset = data.index(b"\0")
+        raise InputError(f"{source} looks binary: a NUL byte at offset {offset} (line {_line_of(data, offset)}); "
+                         "prompts are text, one per line")
+    return text
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -80,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
                                    no_repeat_ngram_size=args.no_repeat_ngram_size, generator=_generator(args.seed, pipe.model.device))
     if args.compile:
         options["compile"] = True
+    for prompt in prompts:  # every prompt is checked before any is printed
+        pipe.check(prompt, **options)
     for prompt in prompts:
         if args.stream and args.num_beams == 1:
             pipe(prompt, streamer=TextStreamer(pipe.tokenizer, skip_special_tokens=True), **options)

@@ -2,11 +2,19 @@
 
 The prompt is run once (prefill), then one token per step with ``logits_to_keep=1``. Semantics follow
 transformers 5.x so its ``generate`` can serve as the oracle: the default length (20 new tokens, fewer
-when the model's positions run out), the default ``top_k=50`` when sampling, EOS handling (finished rows are padded with ``pad_token_id``), the logits processors and their order,
-and beam search with ``length_penalty`` / ``early_stopping``. Deliberate differences:
+when the model's positions run out), the default ``top_k=50`` when sampling, EOS handling (finished rows
+are padded with ``pad_token_id``), the logits processors and their order, and beam search with
+``length_penalty`` / ``early_stopping``.
+
+The settings are one :class:`optkit.GenerationConfig` (``generation_config.py``: types and ranges);
+keywords replace its fields, as in transformers. Per-call state stays in the call: ``generate`` never
+changes the model and may run in several threads on one model.
+
+Deliberate differences:
 
 * every bad argument is one ``InputError`` raised before any compute (transformers warns about some and
-  fails later, or deep inside the model, on others, e.g. a prompt + max_new_tokens beyond the positions);
+  fails later, or deep inside the model, on others, e.g. a prompt + max_new_tokens beyond the positions),
+  a right-padded mask included (transformers warns and continues each row after its padding);
 * ``no_repeat_ngram_size`` ignores left padding, as the repetition penalty does in transformers, so a
   left-padded row behaves exactly as it does alone (transformers counts n-grams over pad tokens too).
 """
@@ -25,6 +33,7 @@ from torch import Tensor
 from optkit.inference.decode_graph import unsupported_reason
 from optkit.inference.session import session_for
 from optkit.errors import InputError
+from optkit.generation_config import GenerationConfig, resolve
 
 if TYPE_CHECKING:
     from optkit.inference.decode_graph import DecodeStep
@@ -172,16 +181,14 @@ def apply_processors(processors: Sequence[LogitsProcessor], ids: Tensor, scores:
 
 
 # -- argument checks ------------------------------------------------------------------------------
+# The types and ranges of single settings are GenerationConfig's; here: what depends on the model,
+# the inputs, or several settings together.
 def _as_id_tuple(value: int | Sequence[int] | None) -> tuple[int, ...]:
     if value is None:
         return ()
     if isinstance(value, int):
         return (value,)
-    return tuple(int(v) for v in value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return tuple(value)
 
 
 def _total_length(prompt_length: int, max_new_tokens: int | None, max_length: int | None, max_positions: int) -> int:
@@ -194,64 +201,45 @@ def _total_length(prompt_length: int, max_new_tokens: int | None, max_length: in
 
 
 def _length_problems(prompt_length: int, max_new_tokens: int | None, max_length: int | None,
-                     min_new_tokens: int, max_positions: int) -> list[str]:
-    problems = []
-    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
-        problems.append(f"max_new_tokens={max_new_tokens!r}: must be a positive integer (the number of tokens to add)")
-    if max_length is not None and (not _is_int(max_length) or max_length < 1):
-        problems.append(f"max_length={max_length!r}: must be a positive integer (prompt + new tokens)")
-    if not _is_int(min_new_tokens) or min_new_tokens < 0:
-        problems.append(f"min_new_tokens={min_new_tokens!r}: must be an integer >= 0")
+                     max_positions: int) -> list[str]:
     if prompt_length >= max_positions:
-        problems.append(f"the prompt has {prompt_length} tokens but the model has only {max_positions} positions "
-                        "(no room for new tokens); shorten the prompt")
-    if problems:
-        return problems
+        return [f"the prompt has {prompt_length} tokens but the model has only {max_positions} positions "
+                "(no room for new tokens); shorten the prompt"]
     total = _total_length(prompt_length, max_new_tokens, max_length, max_positions)
     if total <= prompt_length:
-        problems.append(f"max_length={max_length} counts the prompt, which already has {prompt_length} tokens; pass "
-                        f"max_new_tokens=N instead (or max_length > {prompt_length})")
-    elif total > max_positions:
+        return [f"max_length={max_length} counts the prompt, which already has {prompt_length} tokens; pass "
+                f"max_new_tokens=N instead (or max_length > {prompt_length})"]
+    if total > max_positions:
         asked = f"max_new_tokens={max_new_tokens}" if max_new_tokens is not None else f"max_length={total}"
-        problems.append(f"prompt ({prompt_length} tokens) + new tokens = {total} exceeds the model's {max_positions} "
-                        f"positions ({asked}); use max_new_tokens <= {max_positions - prompt_length}")
-    return problems
+        return [f"prompt ({prompt_length} tokens) + new tokens = {total} exceeds the model's {max_positions} "
+                f"positions ({asked}); use max_new_tokens <= {max_positions - prompt_length}"]
+    return []
 
 
-def _sampling_problems(do_sample: bool, temperature: Any, top_k: int | None, top_p: float | None,
-                       repetition_penalty: float, no_repeat_ngram_size: int) -> list[str]:
+def _call_problems(cfg: GenerationConfig, batch_size: int, streamer: Any, generator: Any,
+                     device: torch.device) -> list[str]:
     problems = []
-    if not isinstance(temperature, (int, float)) or (do_sample and temperature <= 0):
+    temperature = 1.0 if cfg.temperature is None else cfg.temperature
+    if cfg.do_sample and temperature <= 0:
         problems.append(f"temperature={temperature!r}: must be > 0 when sampling (use do_sample=False for greedy)")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        problems.append(f"top_k={top_k!r}: must be an integer >= 0 (0 turns it off)")
-    if top_p is not None and not 0 < top_p <= 1:
-        problems.append(f"top_p={top_p!r}: must be in (0, 1] (1 or None turns it off)")
-    if not repetition_penalty > 0:
-        problems.append(f"repetition_penalty={repetition_penalty!r}: must be > 0 (1.0 turns it off)")
-    if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
-        problems.append(f"no_repeat_ngram_size={no_repeat_ngram_size!r}: must be an integer >= 0 (0 turns it off)")
-    return problems
-
-
-def _search_problems(do_sample: bool, num_beams: int, num_return_sequences: int, early_stopping: Any,
-                     batch_size: int, streamer: Any) -> list[str]:
-    problems = []
-    if not _is_int(num_beams) or num_beams < 1:
-        problems.append(f"num_beams={num_beams!r}: must be an integer >= 1")
-    if not _is_int(num_return_sequences) or num_return_sequences < 1:
-        problems.append(f"num_return_sequences={num_return_sequences!r}: must be an integer >= 1")
-    elif _is_int(num_beams) and num_beams > 1 and num_return_sequences > num_beams:
-        problems.append(f"num_return_sequences={num_return_sequences} > num_beams={num_beams}: beam search returns "
-                        f"at most num_beams sequences; raise num_beams or lower num_return_sequences")
-    elif num_beams == 1 and not do_sample and num_return_sequences > 1:
-        problems.append(f"num_return_sequences={num_return_sequences} with greedy search would repeat one sequence; "
-                        "pass do_sample=True or num_beams >= num_return_sequences")
-    if early_stopping not in (True, False, "never"):
-        problems.append(f"early_stopping={early_stopping!r}: must be True, False or 'never'")
-    if streamer is not None and (batch_size != 1 or num_beams != 1 or num_return_sequences != 1):
+    if cfg.num_beams > 1 and cfg.num_return_sequences > cfg.num_beams:
+        problems.append(f"num_return_sequences={cfg.num_return_sequences} > num_beams={cfg.num_beams}: beam search "
+                        f"returns at most num_beams sequences; raise num_beams or lower num_return_sequences")
+    elif cfg.num_beams == 1 and not cfg.do_sample and cfg.num_return_sequences > 1:
+        problems.append(f"num_return_sequences={cfg.num_return_sequences} with greedy search would repeat one "
+                        "sequence; pass do_sample=True or num_beams >= num_return_sequences")
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        problems.append(f"streamer: expected an object with put(ids) and end() (e.g. optkit.streaming.TextStreamer), "
+                        f"got {type(streamer).__name__}")
+    if streamer is not None and (batch_size != 1 or cfg.num_beams != 1 or cfg.num_return_sequences != 1):
         problems.append("streamer: streaming needs one sequence (batch size 1, num_beams=1, "
                         "num_return_sequences=1); drop the streamer or generate one prompt at a time")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        problems.append(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    elif generator is not None and generator.device.type != device.type:
+        problems.append(f"generator: on {generator.device} but the model is on {device}; "
+                        f"use torch.Generator(device='{device}').manual_seed(...)")
     return problems
 
 
@@ -264,16 +252,54 @@ def _token_problems(eos: tuple[int, ...], pad: int | None, vocab_size: int) -> l
     return problems
 
 
-def _input_problems(input_ids: Any, attention_mask: Any) -> list[str]:
+def _ids_problems(input_ids: Any, vocab_size: int) -> list[str]:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        shape = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, Tensor)
+                 else type(input_ids).__name__)
         return [f"input_ids: expected an integer tensor of shape (batch, length), got {shape}; "
                 "wrap a single prompt as ids[None]"]
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         return [f"input_ids: empty batch or prompt {tuple(input_ids.shape)}; pass at least one token per row"]
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        return [f"input_ids: token id {low if low < 0 else high} is outside the vocabulary "
+                f"(0..{vocab_size - 1}); was the text encoded with another tokenizer?"]
+    return []
+
+
+def _not_left_padded_row(mask: Tensor) -> int | None:
+    """The first row of a bool mask that is not zeros then ones up to the end (None: every row is)."""
+    bad = ((mask[:, 1:] < mask[:, :-1]).any(dim=1) | ~mask[:, -1]).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def _short_row(row: Tensor, limit: int = 24) -> str:
+    values = row.int().tolist()
+    return str(values) if len(values) <= limit else f"{values[:limit // 2]} ... {values[-limit // 2:]}"
+
+
+def _mask_problems(attention_mask: Any, input_ids: Tensor) -> list[str]:
+    """The mask must be a 0/1 tensor shaped like the ids, padded on the left: new tokens are appended on
+    the right, so a right-padded row would continue after its padding and get other tokens than alone."""
+    if attention_mask is None:
+        return []
+    if not isinstance(attention_mask, Tensor):
+        return [f"attention_mask: expected a tensor of 0/1 shaped like input_ids, got {type(attention_mask).__name__}; "
+                "use the tokenizer's mask with return_tensors='pt' (or torch.tensor(mask))"]
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
         return [f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
                 f"{tuple(input_ids.shape)}; pass the tokenizer's mask for the same batch"]
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+        value = odd[0].item() if len(odd) else attention_mask.dtype
+        return [f"attention_mask: contains {value!r}; only 0 (padding) and 1 (token) are allowed"]
+    mask = attention_mask.bool()
+    row = _not_left_padded_row(mask)
+    if row is not None and not bool(mask[row].any()):
+        return [f"attention_mask: row {row} is all 0 (no tokens); drop it from the batch"]
+    if row is not None:
+        return [f"attention_mask: row {row} is not left-padded ({_short_row(mask[row])}); generate appends new "
+                "tokens on the right, so pad on the left (optkit's Tokenizer does by default)"]
     return []
 
 
@@ -476,38 +502,42 @@ def _beam_search(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
 
 
 # -- entry point ----------------------------------------------------------------------------------
-def _settings(model: Model, input_ids: Any, attention_mask: Any, max_new_tokens: int | None, max_length: int | None,
-              min_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
-              repetition_penalty: float, no_repeat_ngram_size: int, num_beams: int, num_return_sequences: int,
-              length_penalty: float, early_stopping: bool | str, eos_token_id: int | Sequence[int] | None,
-              pad_token_id: int | None, streamer: Any) -> Settings:
-    """Check every argument (one InputError listing what is wrong) and resolve lengths and special ids."""
+def config_for(model: Model, generation_config: Any = None) -> GenerationConfig:
+    """The passed config, else the model's own (``model.generation_config``, when it has one), else defaults."""
+    if generation_config is None:
+        generation_config = getattr(model, "generation_config", None)
+        return generation_config if isinstance(generation_config, GenerationConfig) else GenerationConfig()
+    if not isinstance(generation_config, GenerationConfig):
+        raise InputError(f"generation_config: expected an optkit.GenerationConfig, got "
+                         f"{type(generation_config).__name__}; build one with GenerationConfig(**settings) or "
+                         "GenerationConfig.from_file('generation_config.json')")
+    return generation_config
+
+
+def _settings(model: Model, input_ids: Any, attention_mask: Any, cfg: GenerationConfig, streamer: Any,
+              generator: Any) -> Settings:
+    """Check what depends on the model and the inputs (one InputError listing every problem) and
+    resolve lengths and special ids."""
     tokens, decoder = model.spec.tokens, model.spec.decoder
-    temperature = 1.0 if temperature is None else temperature  # as transformers: unset means 1.0
-    eos = _as_id_tuple(tokens.eos_token_id if eos_token_id is None else eos_token_id)
-    pad = tokens.pad_token_id if pad_token_id is None else pad_token_id
+    _raise(_ids_problems(input_ids, decoder.vocab_size))
+    eos = _as_id_tuple(tokens.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id)
+    pad = tokens.pad_token_id if cfg.pad_token_id is None else cfg.pad_token_id
     if pad is None and eos:
         pad = eos[0]  # as transformers: finished rows need some filler
-    problems = _input_problems(input_ids, attention_mask)
-    _raise(problems)
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= decoder.vocab_size:
-        problems.append(f"input_ids: token id {low if low < 0 else high} is outside the vocabulary "
-                        f"(0..{decoder.vocab_size - 1}); was the text encoded with another tokenizer?")
     prompt_length = input_ids.shape[1]
-    problems += _length_problems(prompt_length, max_new_tokens, max_length, min_new_tokens, decoder.max_positions)
-    problems += _sampling_problems(do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
-    problems += _search_problems(do_sample, num_beams, num_return_sequences, early_stopping, input_ids.shape[0],
-                                 streamer)
+    problems = _mask_problems(attention_mask, input_ids)
+    problems += _length_problems(prompt_length, cfg.max_new_tokens, cfg.max_length, decoder.max_positions)
+    problems += _call_problems(cfg, input_ids.shape[0], streamer, generator, model.device)
     problems += _token_problems(eos, pad, decoder.vocab_size)
     _raise(problems)
-    total = _total_length(prompt_length, max_new_tokens, max_length, decoder.max_positions)
-    return Settings(max_length=total, min_new_tokens=min_new_tokens, do_sample=bool(do_sample),
-                    temperature=float(temperature), top_k=DEFAULT_TOP_K if top_k is None else top_k, top_p=top_p,
-                    repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=no_repeat_ngram_size,
-                    num_beams=num_beams, num_return_sequences=num_return_sequences,
-                    length_penalty=float(length_penalty), early_stopping=early_stopping, eos_token_ids=eos,
-                    pad_token_id=pad)
+    total = _total_length(prompt_length, cfg.max_new_tokens, cfg.max_length, decoder.max_positions)
+    return Settings(max_length=total, min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample,
+                    temperature=1.0 if cfg.temperature is None else cfg.temperature,
+                    top_k=DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k, top_p=cfg.top_p,
+                    repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                    num_beams=cfg.num_beams, num_return_sequences=cfg.num_return_sequences,
+                    length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping, eos_token_ids=eos,
+                    pad_token_id=pad, cache_implementation=cfg.cache_implementation, compile=cfg.compile)
 
 
 def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind: str | None,
@@ -527,50 +557,63 @@ def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind
 
 
 def _default_mask(ids: Tensor, s: Settings) -> Tensor:
-    """transformers' inference: mask pad tokens when the prompt has some and pad is not an EOS id."""
+    """transformers' inference: mask pad tokens when the prompt has some and pad is not an EOS id.
+
+    Unlike transformers, a prompt whose pad tokens are not all on the left is refused: masking them
+    would not give the tokens the rows get alone (and they may be real tokens)."""
     pad = s.pad_token_id
-    if pad is not None and pad not in s.eos_token_ids and bool((ids == pad).any()):
-        return (ids != pad).long()
-    return torch.ones_like(ids)
+    if pad is None or pad in s.eos_token_ids or not bool((ids == pad).any()):
+        return torch.ones_like(ids)
+    mask = ids != pad
+    row = _not_left_padded_row(mask)
+    if row is not None:
+        raise InputError(f"input_ids: row {row} has pad_token_id={pad} after its first token or only pad tokens "
+                         f"({_short_row(ids[row])}); without attention_mask pad tokens are masked, which only works "
+                         "as left padding: pass attention_mask (all 1 if they are real tokens) or pad on the left")
+    return mask.long()
 
 
-@torch.no_grad()
-def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
-             max_length: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
-             temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
-             num_return_sequences: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, streamer: Streamer | None = None,
-             cache_implementation: str | None = "static", decode_graph: bool | None = None,
-             compile: bool = False) -> Tensor:
-    """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
-
-    Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
-    masked as transformers does). Lengths: ``max_new_tokens`` wins over ``max_length`` (prompt
-    included); with neither, 20 new tokens as in transformers 5.x (capped at the model's positions).
-    Sampling keeps the 50 likeliest tokens unless ``top_k`` says otherwise (0: all), as transformers
-    does. ``eos_token_id``/``pad_token_id`` default to the model's; ``eos_token_id=[]``
-    never stops early. Sampling draws from ``generator`` (torch's global RNG when None). Dropout follows
-    the model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
-    ``cache_implementation``: a registered kv_cache ("static": preallocated for exactly the needed
-    length and written in place; "dynamic": grows by concatenation; None: the spec's choice).
-    ``decode_graph``: run each decode step as one replay of a captured CUDA graph (see
-    optkit.decode_graph). None: on CUDA whenever the model's components declare they allow it (else
-    the plain loop, same tokens); True: insist (an InputError says why not; on CPU the same step runs
-    without a graph); False: never. ``compile=True``: that decode step is first compiled by
-    ``torch.compile`` (inductor fuses the small kernels, and one-row products become fused
-    reduction kernels that read the weights nearer the bandwidth limit than BLAS GEMVs): faster decoding from the second call on, after seconds to minutes of compilation in the
-    first (per model and shape); needs a C++ compiler on CPU and Triton on CUDA.
-    """
-    s = _settings(model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample,
-                  temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, num_beams,
-                  num_return_sequences, length_penalty, early_stopping, eos_token_id, pad_token_id, streamer)
-    s = dataclasses.replace(s, cache_implementation=cache_implementation, compile=bool(compile),
-                            decode_graph=_use_decode_graph(model, decode_graph, s, cache_implementation, compile))
+def _prepare(model: Model, input_ids: Any, attention_mask: Any, generation_config: Any, generator: Any,
+             streamer: Any, settings: dict[str, Any]) -> tuple[Settings, Tensor, Tensor]:
+    """Every check, then the resolved settings and the ids and mask on the model's device."""
+    cfg = resolve(config_for(model, generation_config), settings, "generate()")
+    s = _settings(model, input_ids, attention_mask, cfg, streamer, generator)
+    s = dataclasses.replace(s, decode_graph=_use_decode_graph(model, cfg.decode_graph, s, cfg.cache_implementation,
+                                                              cfg.compile))
     ids = input_ids.to(device=model.device, dtype=torch.long)
     mask = _default_mask(ids, s) if attention_mask is None else attention_mask.to(device=model.device,
                                                                                    dtype=torch.long)
+    return s, ids, mask
+
+
+def check(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+          generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
+          streamer: Streamer | None = None, **settings: Any) -> None:
+    """Raise the InputError ``generate`` would raise for these arguments, without running the model."""
+    _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings)
+
+
+@torch.no_grad()
+def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+             generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
+             streamer: Streamer | None = None, **settings: Any) -> Tensor:
+    """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
+
+    Settings come from ``generation_config`` (an :class:`optkit.GenerationConfig`; default: the
+    model's ``generation_config`` if it has one, else the defaults), each keyword in ``settings``
+    (a GenerationConfig field: ``max_new_tokens=20``, ``do_sample=True`` ...) replacing the config's
+    value, as in transformers. The config documents each setting. Every bad argument is one
+    ``InputError`` naming it, raised before any compute.
+
+    Left-pad batches and pass their ``attention_mask`` (without one, pad tokens in the prompt are
+    masked as transformers does). Sampling draws from ``generator`` (torch's global RNG when None).
+    ``streamer`` receives the prompt ids, then each new token, then ``end()``. Dropout follows the
+    model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
+
+    Per-call state stays in the call: ``generate`` never changes the model, and several threads may
+    generate on one model at once.
+    """
+    s, ids, mask = _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings)
     copies = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
     processors = build_processors(s, ids.shape[1], prompt_start=(mask != 0).int().argmax(dim=1))

@@ -20,10 +20,11 @@ from optkit.builder import build, build_head
 from optkit.checkpoint_files import find_weights, interrupted_hint, locked, read_json
 from optkit.checkpoints import (CONFIG_NAME, _file_namer, _to_canonical, config_dtype, read_state_dict,
                                 resolve_checkpoint_dir, spec_from_hf_config)
-from optkit.errors import CheckpointError
+from optkit.errors import CheckpointError, InputError
 from optkit.formats import format_for_spec
 from optkit.inference.transform import prepare
 from optkit.model import Model
+from optkit.placement import dispatch
 from optkit.spec import ModelSpec
 
 
@@ -91,11 +92,15 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
                     linear: Any = None, kv_cache: Any = None, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, num_labels: int | None = None,
                     revision: str | None = None, local_files_only: bool | None = None,
-                    progress: bool | None = None) -> Model:
+                    progress: bool | None = None, device_map: Any = None, max_memory: dict[Any, Any] | None = None,
+                    offload_folder: str | os.PathLike | None = None) -> Model:
     """Load an OPT checkpoint (directory or Hub id) into an optkit model.
 
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
     checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
+    ``device_map`` ("auto", "balanced", "sequential" or {module prefix: device}) with ``max_memory`` and
+    ``offload_folder`` spreads the loaded model over devices, CPU and disk (see docs/big-models.md); the
+    weights are loaded on ``device`` (default CPU) first.
     """
     directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
     config_path = directory / CONFIG_NAME
@@ -108,8 +113,14 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
         if dtype == "auto":
             dtype = config_dtype(config, source=str(config_path))
         raw = read_state_dict(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
-    return _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
-                     dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
+    model = _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
+                      dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise InputError("max_memory and offload_folder place a model only with device_map=...; "
+                             "pass device_map='auto' (or a map)")
+        return model
+    return dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
 
 
 def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,

@@ -25,6 +25,7 @@ from optkit.interfaces import (
     HeadInputs,
     KVCache,
     KVCacheFactory,
+    Placement,
     PositionalEmbedding,
     ShardStyle,
     TokenEmbedding,
@@ -252,6 +253,8 @@ class Model(nn.Module):
         # Graphs and compiled steps that generate() reuses; set by optkit.inference.prepare, dropped
         # by optkit.inference.restore (or by assigning None).
         self.inference_session: InferenceSession | None = None
+        # Where each unit lives when optkit.placement.dispatch spread the model over devices / offloaded it.
+        self.placement: Placement | None = None
 
     # -- inputs -----------------------------------------------------------------------------
     def _check(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, check_ids: bool) -> None:
@@ -364,7 +367,15 @@ class Model(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first weight's device, or the dispatched model's input device."""
+        if self.placement is not None:
+            return self.placement.input_device
         return next(self.parameters()).device
+
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """{placement unit: device} of a dispatched model (None: everything where its weights are)."""
+        return None if self.placement is None else self.placement.device_map
 
     @property
     def dtype(self) -> torch.dtype:

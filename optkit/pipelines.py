@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from optkit.errors import CheckpointNotFoundError, InputError
+from optkit.generation import check, config_for
+from optkit.generation_config import GenerationConfig, resolve
 
 SUPPORTED_TASKS = ("text-generation",)
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation pipeline default, capped to the model's positions
@@ -65,6 +67,13 @@ def _load_model(source: Any, dtype: Any, device: Any, attention: str | None, lin
     return set_backend(source, attention=attention, **({"linear": linear} if linear else {}))
 
 
+def _known_ids(ids: torch.Tensor, tokenizer: Any) -> list[list[int]]:
+    """Rows without the ids the tokenizer has no token for: OPT's embedding has a few more rows than its
+    vocabulary (50272 vs 50265), a model may emit one, and it has no text (transformers drops it too)."""
+    size = len(tokenizer)
+    return [[i for i in row if i < size] for row in ids.tolist()]
+
+
 class TextGenerationPipeline:
     """Prompt(s) -> ``[{"generated_text": ...}]`` per prompt; batches are left-padded and run together."""
 
@@ -74,32 +83,48 @@ class TextGenerationPipeline:
         self.model = model
         self.tokenizer = tokenizer
 
-    def __call__(self, text_inputs: str | list[str], max_length: int | None = None,
-                 max_new_tokens: int | None = None, num_return_sequences: int = 1, do_sample: bool = False,
-                 return_full_text: bool = True, **generate_kwargs: Any) -> list[Any]:
+    def __call__(self, text_inputs: str | list[str], return_full_text: bool = True,
+                 generation_config: GenerationConfig | None = None, **generate_kwargs: Any) -> list[Any]:
         """Generate for one text (a list of dicts) or a list of texts (a list of such lists).
 
-        Other keywords (``temperature``, ``top_k``, ``top_p``, ``num_beams``, ``generator``,
-        ``streamer``...) go to ``optkit.generation.generate``. Without lengths, up to 256 new tokens
-        (as transformers), fewer when the model has fewer positions.
+        ``generation_config`` and the keywords (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``num_return_sequences`` ..., ``generator``, ``streamer``) go to ``optkit.generation.generate``.
+        Without lengths, up to 256 new tokens (as transformers), fewer when the model has fewer positions.
         """
-        single = isinstance(text_inputs, str)
-        texts = [text_inputs] if single else list(text_inputs)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise InputError("text-generation pipeline: pass a string or a non-empty list of strings")
-        batch = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if max_length is None and max_new_tokens is None:
-            room = self.model.spec.decoder.max_positions - ids.shape[1]
-            max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
-        output = self.model.generate(ids, attention_mask=mask, max_length=max_length, max_new_tokens=max_new_tokens,
-                                     num_return_sequences=num_return_sequences, do_sample=do_sample,
-                                     **generate_kwargs)
-        new_texts = self.tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
+        texts, ids, mask, cfg, run_args = self._prepare(text_inputs, generation_config, generate_kwargs)
+        output = self.model.generate(ids, attention_mask=mask, generation_config=cfg, **run_args)
+        new_texts = self.tokenizer.batch_decode(_known_ids(output[:, ids.shape[1]:], self.tokenizer),
+                                                skip_special_tokens=True)
+        n = cfg.num_return_sequences
         results = [[{"generated_text": (prompt if return_full_text else "") + new}
-                    for new in new_texts[i * num_return_sequences:(i + 1) * num_return_sequences]]
-                   for i, prompt in enumerate(texts)]
-        return results[0] if single else results
+                    for new in new_texts[i * n:(i + 1) * n]] for i, prompt in enumerate(texts)]
+        return results[0] if isinstance(text_inputs, str) else results
+
+    def check(self, text_inputs: str | list[str], generation_config: GenerationConfig | None = None,
+              **generate_kwargs: Any) -> None:
+        """Raise the InputError a call with these arguments would raise, without generating (e.g. to
+        check every prompt before printing any)."""
+        _, ids, mask, cfg, run_args = self._prepare(text_inputs, generation_config, generate_kwargs)
+        check(self.model, ids, attention_mask=mask, generation_config=cfg, **run_args)
+
+    def _prepare(self, text_inputs: Any, generation_config: GenerationConfig | None,
+                 generate_kwargs: dict[str, Any]) -> tuple[list[str], torch.Tensor, torch.Tensor, GenerationConfig,
+                                                           dict[str, Any]]:
+        """Texts, their left-padded ids and mask, the resolved config (default length filled in) and the
+        per-call objects (generator, streamer)."""
+        texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("text-generation pipeline: pass a string or a non-empty list of strings, "
+                             f"got {type(text_inputs).__name__}")
+        settings = dict(generate_kwargs)
+        run_args = {k: settings.pop(k) for k in ("generator", "streamer") if k in settings}
+        cfg = resolve(config_for(self.model, generation_config), settings, "pipeline()")
+        batch = self.tokenizer(list(texts), padding=True, return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if cfg.max_length is None and cfg.max_new_tokens is None:
+            room = self.model.spec.decoder.max_positions - ids.shape[1]
+            cfg = cfg.replace(max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
+        return list(texts), ids, mask, cfg, run_args
 
 
 def pipeline(task: str, model: Any = None, tokenizer: Any = None, dtype: torch.dtype | str | None = None,

@@ -11,9 +11,13 @@ once the decoded text ends on a complete character, what follows decodes indepen
 
 from __future__ import annotations
 
+import numbers
 import queue
+import reprlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
+
+from optkit.errors import InputError, OptkitError
 
 __all__ = ["StreamTimeoutError", "TextIteratorStreamer", "TextStreamer"]
 
@@ -24,7 +28,7 @@ class _Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
-class StreamTimeoutError(TimeoutError, queue.Empty):
+class StreamTimeoutError(OptkitError, TimeoutError, queue.Empty):
     """No text arrived in time (also a ``queue.Empty``, which transformers' streamer raises)."""
 
 
@@ -42,8 +46,10 @@ def _token_list(value: Any) -> list[int]:
     value = list(value)
     if value and isinstance(value[0], (list, tuple)):
         if len(value) != 1:
-            raise ValueError(f"text streamers support batch size 1 only, got a batch of {len(value)}")
+            raise InputError(f"text streamers support batch size 1 only, got a batch of {len(value)}")
         value = list(value[0])
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        raise InputError(f"streamer.put: token ids must be integers, got {reprlib.repr(value)}")
     return [int(v) for v in value]
 
 
@@ -80,7 +86,11 @@ class TextStreamer:
         self._awaiting_prompt = True
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
+        """The text of the held ids; ids the tokenizer has no token for (OPT's embedding has a few more rows
+        than its vocabulary) have no text and are left out, as transformers' tokenizers do."""
+        size = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        ids = self._ids if size is None else [i for i in self._ids if i < size]
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def put(self, token_ids: Any) -> None:
         """Add the prompt (first call) or newly generated ids, and emit whatever text is now complete."""

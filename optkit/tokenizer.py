@@ -12,14 +12,19 @@ exactly the bytes of the tokens (invalid UTF-8 becomes U+FFFD, like ``errors="re
 from __future__ import annotations
 
 import json
+import numbers
 import os
-from collections.abc import Iterable, Sequence
+import re
+import reprlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
+
+from optkit.errors import InputError, OptkitError
 
 __all__ = ["BatchEncoding", "SpecialTokens", "Tokenizer", "TokenizerNotFoundError", "TOKENIZER_FILES"]
 
@@ -29,7 +34,7 @@ _OPT_DEFAULTS = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>",
 _NO_MAX_LENGTH = int(1e20)  # transformers stores "no limit" as ~1e30 in tokenizer_config.json
 
 
-class TokenizerNotFoundError(OSError):
+class TokenizerNotFoundError(OptkitError, OSError):
     """No usable tokenizer files at a path or Hub id (raised once, with what was looked for)."""
 
 
@@ -211,6 +216,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of one text (BOS first unless ``add_special_tokens=False``)."""
+        if not isinstance(text, str):
+            raise InputError(f"encode(text): expected a str, got {_describe(text)}; use tokenizer(texts) for a batch")
+        _check_text(text, "text")
         return self._encode_texts([text], add_special_tokens)[0]
 
     def __call__(
@@ -230,11 +238,10 @@ class Tokenizer:
         As in transformers, ``truncation=None`` with a ``max_length`` and no padding truncates;
         truncation keeps the BOS and cuts from ``truncation_side`` (right).
         """
-        is_batch = not isinstance(text, str)
-        texts = list(text) if is_batch else [text]
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a str or a sequence of str")
+        texts, is_batch = _checked_texts(text)
         pad_mode = _padding_mode(padding, max_length)
+        if is_batch and not texts and (pad_mode != "do_not_pad" or return_tensors is not None):
+            raise InputError("text: empty batch ([]); padding and tensors need at least one text")
         if _should_truncate(truncation, max_length, pad_mode):
             limit = max_length if max_length is not None else self.model_max_length
         else:
@@ -255,7 +262,7 @@ class Tokenizer:
             return ids
         n_prefix = len(self._prefix_ids(add_special_tokens))
         if limit < n_prefix:
-            raise ValueError(f"max_length={limit} leaves no room for the {n_prefix} special token(s)")
+            raise InputError(f"max_length={limit} leaves no room for the {n_prefix} special token(s)")
         prefix, body = ids[:n_prefix], ids[n_prefix:]
         keep = limit - n_prefix
         body = body[:keep] if self.truncation_side == "right" else body[len(body) - keep :]
@@ -266,9 +273,9 @@ class Tokenizer:
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Pad every row to at least ``target`` with the pad id (mask 0) on ``side``."""
         if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+            raise InputError(f"padding_side must be 'left' or 'right', got {_short(side)}")
         if self.pad_token_id is None:
-            raise ValueError("this tokenizer has no pad token, so it cannot pad")
+            raise InputError("this tokenizer has no pad token, so it cannot pad; pass padding=False")
         padded_rows, padded_masks = [], []
         for ids, mask in zip(rows, masks):
             n = max(0, target - len(ids))
@@ -290,7 +297,7 @@ class Tokenizer:
         ``clean_up_tokenization_spaces`` is accepted for call compatibility and ignored, as
         transformers 5.x ignores it for BPE tokenizers (the clean-up would corrupt the text).
         """
-        return self.backend.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(self._checked_ids(ids, "decode()"), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(
         self,
@@ -300,7 +307,20 @@ class Tokenizer:
     ) -> list[str]:
         """Texts of a batch (list of lists or 2-D tensor)."""
         rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
-        return self.backend.decode_batch([_as_id_list(r) for r in rows], skip_special_tokens=skip_special_tokens)
+        if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+            raise InputError(f"batch_decode(): expected a batch of id sequences (list of lists or 2-D tensor), "
+                             f"got {_describe(sequences)}")
+        checked = [self._checked_ids(row, f"batch_decode() row {i}") for i, row in enumerate(rows)]
+        return self.backend.decode_batch(checked, skip_special_tokens=skip_special_tokens)
+
+    def _checked_ids(self, ids: Any, where: str) -> list[int]:
+        """A flat list of ids inside the vocabulary, or an InputError saying which id is wrong and why."""
+        ids = _as_id_list(ids, where)
+        if ids and not 0 <= min(ids) <= max(ids) < len(self):
+            bad = next(i for i in ids if not 0 <= i < len(self))
+            raise InputError(f"{where}: token id {bad} at position {ids.index(bad)} is outside the vocabulary "
+                             f"(0..{len(self) - 1}); were the ids made by another tokenizer?")
+        return ids
 
     # ------------------------------------------------------------------ saving
 
@@ -552,26 +572,77 @@ def _added_token_entry(backend: BackendTokenizer, content: str) -> dict[str, Any
 # ---------------------------------------------------------------------- small helpers
 
 
-def _as_id_list(ids: Any) -> list[int]:
-    """A flat ``list[int]`` from an int, a sequence, or a 0-/1-D tensor or array."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother = 60, 60
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {_short(value)}"
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_id_list(ids: Any, where: str = "decode()") -> list[int]:
+    """A flat ``list[int]`` from an int, a sequence, or a 0-/1-D tensor or array; anything else is refused."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
+    if _is_id(ids):
+        return [int(ids)]
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise InputError(f"{where}: expected token ids (a list of int or a 1-D integer tensor), got {_describe(ids)}")
     ids = list(ids)
-    if any(isinstance(i, (list, tuple)) for i in ids):
-        raise ValueError("decode() takes one sequence of ids; use batch_decode() for a batch")
+    for position, value in enumerate(ids):
+        if isinstance(value, (list, tuple)):
+            raise InputError(f"{where}: takes one sequence of ids, got a nested sequence; "
+                             "use batch_decode() for a batch")
+        if not _is_id(value):
+            raise InputError(f"{where}: token ids must be integers; got {_describe(value)} at position {position}")
     return [int(i) for i in ids]
+
+
+def _checked_texts(text: Any) -> tuple[list[str], bool]:
+    """(texts, is_batch) from a str or a sequence of str; the first bad one is an InputError naming it."""
+    if isinstance(text, str):
+        _check_text(text, "text")
+        return [text], False
+    if isinstance(text, (bytes, bytearray)):
+        raise InputError(f"text: got {type(text).__name__}; decode it first, e.g. text.decode('utf-8')")
+    if not isinstance(text, Sequence):
+        raise InputError(f"text: expected a str or a list of str, got {_describe(text)}")
+    texts = list(text)
+    for i, item in enumerate(texts):
+        if not isinstance(item, str):
+            raise InputError(f"text[{i}]: expected a str, got {_describe(item)}")
+        _check_text(item, f"text[{i}]")
+    return texts, True
+
+
+def _check_text(text: str, name: str) -> None:
+    """Refuse lone surrogates: they are not Unicode text, and the backend cannot encode them."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise InputError(f"{name}: lone surrogate U+{ord(found.group()):04X} at character {found.start()} is not "
+                         "valid Unicode (text decoded with errors='surrogateescape'?); repair it, e.g. "
+                         "text.encode('utf-8', 'replace').decode('utf-8')")
 
 
 def _padding_mode(padding: bool | str, max_length: int | None) -> str:
     """Normalise transformers' padding argument to do_not_pad / longest / max_length."""
     modes = {False: "do_not_pad", True: "longest", **{name: name for name in ("do_not_pad", "longest", "max_length")}}
-    if padding not in modes:
-        raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+    if not isinstance(padding, (bool, str)) or padding not in modes:
+        raise InputError(f"padding must be False, True, 'longest' or 'max_length', got {_short(padding)}")
+    if max_length is not None and (not _is_id(max_length) or max_length < 1):
+        raise InputError(f"max_length={_short(max_length)}: must be a positive integer or None")
     mode = modes[padding]
     if mode == "max_length" and max_length is None:
-        raise ValueError("padding='max_length' needs max_length")
+        raise InputError("padding='max_length' needs max_length")
     return mode
 
 
@@ -588,10 +659,10 @@ def _finish(encoding: dict[str, list[list[int]]], is_batch: bool, return_tensors
     if return_tensors is None:
         return BatchEncoding({k: v if is_batch else v[0] for k, v in encoding.items()})
     if return_tensors != "pt":
-        raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        raise InputError(f"return_tensors must be None or 'pt', got {_short(return_tensors)}")
     lengths = {len(row) for row in encoding["input_ids"]}
     if len(lengths) > 1:
-        raise ValueError(
+        raise InputError(
             f"cannot make a tensor from sequences of different lengths {sorted(lengths)}; pass padding=True"
         )
     import torch

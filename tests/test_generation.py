@@ -432,5 +432,6 @@ def test_streamed_text_equals_the_final_decode(text_model, prompt):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=20, do_sample=True, top_k=0, streamer=streamer,
                          generator=torch.Generator().manual_seed(3))
-    assert "".join(chunks) == tokenizer.decode(out[0])
+    known = [i for i in out[0].tolist() if i < len(tokenizer)]  # the model has 800 rows, the tokenizer fewer ids
+    assert "".join(chunks) == tokenizer.decode(known)
     assert len(chunks) > 3

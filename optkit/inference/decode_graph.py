@@ -53,6 +53,8 @@ def unsupported_reason(model: Model, cache_kind: str | None) -> str | None:
             return f"{kind} '{name}' does not declare cuda_graphs (it may synchronise with the host)"
     if model.training:
         return "the model is in training mode (dropout draws new masks per step); call model.eval()"
+    if model.placement is not None and not model.placement.single_device:
+        return "the model is spread over devices or offloaded (device_map): its hooks move weights per step"
     return None
 
 

@@ -18,10 +18,10 @@ from optkit.interfaces.components import (
 )
 from optkit.interfaces.mask import AttentionMask
 from optkit.interfaces.parallel import ShardStyle, TensorParallel
-from optkit.interfaces.placement import Offloadable, PlacementUnit
+from optkit.interfaces.placement import Offloadable, Placement, PlacementUnit
 
 __all__ = [
-    "LinearAdapter", "MergeableLinear", "Offloadable", "PlacementUnit", "ShardStyle", "TensorParallel",
+    "LinearAdapter", "MergeableLinear", "Offloadable", "Placement", "PlacementUnit", "ShardStyle", "TensorParallel",
     "WrappableLinear",
     "AttentionKernel", "AttentionMask", "DecoderBlock", "AttentionResult", "Head", "HeadInputs", "HeadMatmul", "KVCache",
     "KVCacheFactory", "LinearFactory", "MLP", "Norm", "NormFactory", "PositionalEmbedding",

@@ -7,7 +7,30 @@ tied weights together, and may stream an offloaded module's weights in just befo
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Placement:
+    """Where a dispatched model's units live (set on ``Model.placement`` by ``optkit.placement.dispatch``).
+
+    ``device_map`` maps each placement unit's module name to its device (an accelerator index, "cpu" or
+    "disk"); ``input_device`` is where inputs go; ``hooks`` are the handles that move weights and
+    activations (removing them undoes nothing else).
+    """
+
+    device_map: dict[str, Any]
+    input_device: torch.device
+    hooks: list[Any] = field(default_factory=list)
+
+    @property
+    def single_device(self) -> bool:
+        """Every unit on one device, nothing streamed: the model runs as if it had not been dispatched."""
+        return len({str(device) for device in self.device_map.values()}) == 1 and \
+            str(next(iter(self.device_map.values()))) != "disk"
 
 
 @runtime_checkable

@@ -1,0 +1,309 @@
+"""``dispatch``: put a model's units on their devices and stream offloaded ones in per forward.
+
+torch-native forward hooks, no Accelerate (docs/big-models.md says why):
+
+* a unit on an accelerator, or on ``"cpu"`` when the cpu computes, is moved there and stays;
+* a unit on ``"disk"`` is written to ``offload_folder/<unit>.safetensors`` (never pickled) and its
+  tensors are replaced by meta tensors; a unit on ``"cpu"`` while an accelerator computes keeps its
+  tensors in (pinned) host memory. Either is *streamed*: a forward pre-hook loads its tensors onto the
+  compute device and the post-hook (always run) puts the meta tensors back, so a streamed unit holds
+  memory on the compute device only while it runs. Streamed tensors are frozen (inference only);
+* every unit's pre-hook moves the activations it is called with (tensors, the ``AttentionMask``, head
+  inputs) to the device it computes on, so the KV cache a layer fills lives there too;
+* the input units stream for the whole decoder forward (``Decoder.forward`` reads the positional table
+  directly, not through a module call); outputs come back to the device the inputs came from.
+
+Afterwards ``model.device_map`` is the ``{unit: device}`` map in use and ``model.device`` is the device
+inputs go to (the input units' compute device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from optkit.errors import InputError
+from optkit.interfaces import Placement
+from optkit.inference.attention import PreparedAttention
+from optkit.model import Model
+from optkit.placement.devices import Device, check_present, parse_device, torch_device
+from optkit.placement.device_map import resolve_device_map
+from optkit.placement.planner import Plan, plan
+from optkit.placement.units import Group, Unit, placement_groups, placement_units, streamable_problem, unit_tensors
+
+OFFLOAD_SUFFIX = ".safetensors"
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    return isinstance(model, Model) and model.placement is not None
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts, dataclasses) on ``device``; caches untouched."""
+    if isinstance(value, Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = {}
+        for f in dataclasses.fields(value):
+            if f.init:
+                old = getattr(value, f.name)
+                new = to_device(old, device)
+                if new is not old:
+                    changed[f.name] = new
+        return dataclasses.replace(value, **changed) if changed else value
+    return value
+
+
+@dataclass
+class _Slot:
+    """One streamed tensor: every (owner module, attribute) holding it and where its bytes come from."""
+
+    owners: list[tuple[nn.Module, str]]
+    is_parameter: bool
+    placeholder: Tensor
+    host: Tensor | None = None  # a "cpu" unit streamed to an accelerator
+    file: Path | None = None  # a "disk" unit
+    key: str = ""
+
+    def set(self, value: Tensor) -> None:
+        for owner, name in self.owners:
+            (owner._parameters if self.is_parameter else owner._buffers)[name] = value
+
+
+@dataclass
+class _Stream:
+    """The tensors of one streamed unit (or of the input units), loaded onto ``device`` and released."""
+
+    device: torch.device
+    slots: list[_Slot] = field(default_factory=list)
+
+    def load(self) -> None:
+        by_file: dict[Path, list[_Slot]] = {}
+        for slot in self.slots:
+            if slot.file is None:
+                self._put(slot, slot.host.to(self.device, non_blocking=True))
+            else:
+                by_file.setdefault(slot.file, []).append(slot)
+        for path, slots in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for slot in slots:
+                    self._put(slot, f.get_tensor(slot.key).to(self.device))
+
+    @staticmethod
+    def _put(slot: _Slot, tensor: Tensor) -> None:
+        slot.set(nn.Parameter(tensor, requires_grad=False) if slot.is_parameter else tensor)
+
+    def release(self) -> None:
+        for slot in self.slots:
+            slot.set(slot.placeholder)
+
+
+def _check_offload_folder(folder: str | Path | None, disk_units: list[str]) -> Path | None:
+    """The offload folder, created and proven writable before any weight is moved or written."""
+    if not disk_units:
+        return None if folder is None else Path(folder)
+    if folder is None:
+        more = f" and {len(disk_units) - 1} more unit(s)" if len(disk_units) > 1 else ""
+        raise InputError(f"device_map puts {disk_units[0]}{more} on 'disk'; "
+                         "pass offload_folder= (a writable directory for their safetensors files)")
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".optkit-write-probe-"):
+            pass
+    except OSError as error:
+        raise InputError(f"offload_folder '{str(path)[:200]}' is not writable ({error.strerror or error}); "
+                         "pass a directory you can write to") from None
+    return path
+
+
+def _host_copy(tensor: Tensor, pin: bool) -> Tensor:
+    host = tensor.detach().to("cpu")
+    return host.pin_memory() if pin else host
+
+
+def _write_unit(unit: Unit, folder: Path, written: dict[int, tuple[Path, str]]) -> dict[int, tuple[Path, str]]:
+    """Write the tensors of ``unit`` not written yet (tied ones are written once) to its safetensors file."""
+    path = folder / f"{unit.name}{OFFLOAD_SUFFIX}"
+    names = {module: name for name, module in unit.module.named_modules()}
+    tensors: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    located: dict[int, tuple[Path, str]] = {}
+    for owner, attribute, tensor in unit_tensors(unit.module):
+        if id(tensor) in written or id(tensor) in located:
+            continue
+        key = f"{names[owner]}.{attribute}" if names[owner] else attribute
+        data = tensor.detach().to("cpu").contiguous()
+        storage = data.untyped_storage().data_ptr()
+        if storage in storages:  # views of one buffer (stacked q/k/v): safetensors wants separate storage
+            data = data.clone()
+        storages.add(data.untyped_storage().data_ptr())
+        tensors[key] = data
+        located[id(tensor)] = (path, key)
+    if tensors:
+        save_file(tensors, str(path), metadata={"format": "pt", "optkit_unit": unit.name})
+    return located
+
+
+def _check_weights_present(units: list[Unit]) -> None:
+    for unit in units:
+        for owner, attribute, tensor in unit_tensors(unit.module):
+            if tensor.device.type == "meta":
+                raise InputError(f"'{unit.name}' has meta tensors (e.g. {attribute} of {type(owner).__name__}): "
+                                 "the model has no weights yet; load the checkpoint before dispatching it")
+
+
+def _resolve(model: Model, device_map: Plan | Mapping[str, Any] | str, groups: list[Group],
+             max_memory: dict[Any, Any] | None) -> dict[str, Device]:
+    if isinstance(device_map, Plan):
+        device_map = device_map.device_map
+    if isinstance(device_map, str):
+        dtype = str(model.dtype).removeprefix("torch.")
+        return plan(model, dtype=dtype, max_memory=max_memory, device_map=device_map).require_fit().device_map
+    return resolve_device_map(model, device_map, groups)
+
+
+def dispatch(model: Model, device_map: Plan | Mapping[str, Any] | str, *, offload_folder: str | Path | None = None,
+             compute_device: Any = None, max_memory: dict[Any, Any] | None = None) -> Model:
+    """Place ``model``'s units as ``device_map`` says (a dict, a :class:`Plan`, or a strategy planned with
+    ``max_memory``) and hook streamed ones; returns the same model, with ``model.device_map`` set.
+
+    ``compute_device``: where streamed units compute (default: the first accelerator in the map, else cpu).
+    """
+    if is_dispatched(model):
+        raise InputError("this model is already dispatched (model.device_map is set); build or load it again "
+                         "to place it differently")
+    groups = placement_groups(model, dtype="float32", batch=1, max_length=1)
+    resolved = _resolve(model, device_map, groups, max_memory)
+    for unit_name, device in resolved.items():
+        check_present(device, what=f"device_map['{unit_name}']")
+    accelerators = [d for d in resolved.values() if isinstance(d, int)]
+    compute = parse_device(compute_device, what="compute_device") if compute_device is not None else \
+        (min(accelerators) if accelerators else "cpu")
+    if compute == "disk":
+        raise InputError("compute_device 'disk' cannot compute; use an accelerator index or 'cpu'")
+    check_present(compute, what="compute_device")
+    units = placement_units(model)  # forward order
+    streamed = [u for u in units if resolved[u.name] == "disk" or (resolved[u.name] == "cpu" and compute != "cpu")]
+    for unit in streamed:
+        problem = streamable_problem(unit)
+        if problem is not None:
+            raise InputError(f"'{unit.name}' cannot be streamed from {resolved[unit.name]!r}: {problem}; "
+                             "place it on the compute device instead")
+    _check_weights_present(units)
+    folder = _check_offload_folder(offload_folder, [u.name for u in units if resolved[u.name] == "disk"])
+
+    compute_torch = torch_device(compute)
+    streams = _place(model, units, resolved, set(u.name for u in streamed), compute_torch, folder)
+    first = units[0]  # the input units (or whatever runs first) decide where inputs go
+    input_device = compute_torch if first.name in streams else torch_device(resolved[first.name])
+    handles = _hook(model, units, resolved, streams, compute_torch, input_device)
+    if model.inference_session is not None:
+        model.inference_session.clear()  # kept graphs captured the old placement
+    model.placement = Placement(device_map={unit.name: resolved[unit.name] for unit in units},
+                                input_device=input_device, hooks=handles)
+    return model
+
+
+def _place(model: Model, units: list[Unit], resolved: Mapping[str, Device], streamed: set[str],
+           compute: torch.device, folder: Path | None) -> dict[str, _Stream]:
+    """Move resident units; write / keep streamed ones and swap in meta tensors. Returns their streams."""
+    written: dict[int, tuple[Path, str]] = {}
+    hosts: dict[int, Tensor] = {}
+    streams: dict[str, _Stream] = {}
+    owners_of: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for owner in model.modules():
+        for name, p in owner._parameters.items():
+            if p is not None:
+                owners_of.setdefault(id(p), []).append((owner, name, True))
+        for name, b in owner._buffers.items():
+            if b is not None:
+                owners_of.setdefault(id(b), []).append((owner, name, False))
+    placeholders: dict[int, Tensor] = {}
+    for unit in units:
+        device = resolved[unit.name]
+        if unit.name not in streamed:
+            unit.module.to(torch_device(device))
+            continue
+        if device == "disk":
+            written.update(_write_unit(unit, folder, written))
+        stream = streams[unit.name] = _Stream(compute)
+        for _, _, tensor in unit_tensors(unit.module):
+            if id(tensor) in placeholders:
+                if all(slot.placeholder is not placeholders[id(tensor)] for slot in stream.slots):
+                    stream.slots.append(_slot_for(tensor, placeholders[id(tensor)], owners_of, written, hosts))
+                continue
+            holders = owners_of[id(tensor)]
+            placeholder = torch.empty_like(tensor, device="meta")
+            if holders[0][2]:
+                placeholder = nn.Parameter(placeholder, requires_grad=False)
+            if device != "disk":
+                hosts[id(tensor)] = _host_copy(tensor, pin=compute.type == "cuda")
+            placeholders[id(tensor)] = placeholder
+            stream.slots.append(_slot_for(tensor, placeholder, owners_of, written, hosts))
+    for unit in units:  # now swap: every holder of a streamed tensor gets its meta placeholder
+        if unit.name in streams:
+            streams[unit.name].release()
+            for module in unit.module.modules():
+                if isinstance(module, PreparedAttention):
+                    _ = module.stacked  # notices q/k/v left the stacked buffer and drops it (frees its memory)
+    return streams
+
+
+def _slot_for(tensor: Tensor, placeholder: Tensor, owners_of: Mapping[int, list[tuple[nn.Module, str, bool]]],
+              written: Mapping[int, tuple[Path, str]], hosts: Mapping[int, Tensor]) -> _Slot:
+    holders = owners_of[id(tensor)]
+    slot = _Slot(owners=[(m, n) for m, n, _ in holders], is_parameter=holders[0][2], placeholder=placeholder)
+    if id(tensor) in written:
+        slot.file, slot.key = written[id(tensor)]
+    else:
+        slot.host = hosts[id(tensor)]
+    return slot
+
+
+def _hook(model: Model, units: list[Unit], resolved: Mapping[str, Device], streams: Mapping[str, _Stream],
+          compute: torch.device, input_device: torch.device) -> list[torch.utils.hooks.RemovableHandle]:
+    """Move activations into each unit, stream what is streamed, and bring outputs back to the inputs' device."""
+    handles = []
+    input_streams = [streams[u.name] for u in units if u.role == "input" and u.name in streams]
+    handles += _hooks_on(model.decoder, input_device, input_streams)
+    for unit in units:
+        if unit.role == "input":
+            continue
+        device = compute if unit.name in streams else torch_device(resolved[unit.name])
+        handles += _hooks_on(unit.module, device, [streams[unit.name]] if unit.name in streams else [])
+
+    def outputs_to_inputs(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        return to_device(output, input_device)
+
+    handles.append(model.register_forward_hook(outputs_to_inputs, with_kwargs=True))
+    return handles
+
+
+def _hooks_on(module: nn.Module, device: torch.device, streams: list[_Stream]) -> list[Any]:
+    def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        for stream in streams:
+            stream.load()
+        return to_device(args, device), to_device(kwargs, device)
+
+    def after(*_: Any) -> None:
+        for stream in streams:
+            stream.release()
+
+    handles = [module.register_forward_pre_hook(before, with_kwargs=True)]
+    if streams:
+        handles.append(module.register_forward_hook(after, always_call=True))
+    return handles
