@@ -11,6 +11,7 @@ from optkit.errors import (
     BackendUnavailableError,
     CheckpointError,
     CheckpointNotFoundError,
+    ComponentError,
     DuplicateComponentError,
     InputError,
     OptkitError,
@@ -20,7 +21,7 @@ from optkit.errors import (
     UnknownComponentError,
 )
 from optkit.plugins import hookimpl
-from optkit.registry import Capabilities, Registry
+from optkit.registration import Capabilities, Registry
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,9 @@ _LAZY = {
     "AttentionMask": "optkit.interfaces",
     "Tokenizer": "optkit.tokenizer",
     "generate": "optkit.generation",
+    "GenerationConfig": "optkit.generation_config",
     "pipeline": "optkit.pipelines",
+    "plan": "optkit.placement",
 }
 
 
@@ -55,7 +58,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AttentionMask", "BackendUnavailableError", "Capabilities", "CheckpointError", "CheckpointNotFoundError",
-    "DuplicateComponentError", "InputError", "Model", "ModelOutput", "ModelSpec", "OptkitError",
+    "ComponentError", "DuplicateComponentError", "GenerationConfig", "InputError", "Model", "ModelOutput", "ModelSpec", "OptkitError",
     "PluginLoadError", "PluginLoadWarning", "Registry", "SpecValidationError", "UnknownComponentError",
-    "build", "from_pretrained", "from_transformers", "hookimpl", "load_spec", "registry", "save_pretrained", "set_backend",
+    "build", "from_pretrained", "from_transformers", "hookimpl", "load_spec", "plan", "registry", "save_pretrained",
+    "set_backend",
 ]

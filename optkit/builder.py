@@ -15,13 +15,12 @@ from optkit.context import BuildContext
 from optkit.errors import BackendUnavailableError, SpecValidationError
 from optkit.interfaces import AttentionKernel, Head
 from optkit.model import Decoder, Model
-from optkit.registry import Registry
-from optkit.spec import AUTO, DECODER_COMPONENTS, ModelSpec, load_spec, validate_spec
+from optkit.registration import AUTO_KINDS, Registry, checked_device, checked_dtype
+from optkit.spec import AUTO, DECODER_COMPONENTS, ModelSpec, load_spec, memory_problems, training_needs, validate_spec
 
 __all__ = ["AUTO_KINDS", "BuildContext", "build", "build_head", "set_backend"]
 
 log = logging.getLogger("optkit")
-AUTO_KINDS = ("attention", "linear", "kv_cache")
 
 
 def _resolve_auto(spec: ModelSpec, registry: Registry, device: torch.device, dtype: torch.dtype) -> ModelSpec:
@@ -77,17 +76,23 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
     """
     if registry is None:
         from optkit import registry
+    dtype = checked_dtype(dtype)
+    device = checked_device(device)
+    target = checked_device(target_device, argument="target_device") if target_device is not None else device
     if not isinstance(spec, ModelSpec):
         spec = load_spec(spec, registry=registry)
     if component_overrides:
         spec = spec.with_components(registry=registry, **component_overrides)
     spec = validate_spec(spec, registry=registry)
-    dtype = dtype or torch.float32
-    device = torch.device(device or "cpu")
-    target = torch.device(target_device or device)
+    too_large = memory_problems(spec, device, dtype)  # from the spec alone, before anything is allocated
+    if too_large:
+        raise SpecValidationError(too_large)
     spec = _resolve_auto(spec, registry, target, dtype)
     if target.type != "meta":
         _check_usable(spec, registry, target, dtype)
+    if device.type != "meta":  # fresh weights are for training: what training this spec needs must be there
+        for kind, needs in training_needs(spec).items():
+            registry.require_capabilities(kind, getattr(spec.decoder, kind).name, needs)
     ctx = BuildContext(spec=spec, registry=registry, device=device, dtype=dtype)
     with torch.device(device):
         decoder = _decoder(ctx)

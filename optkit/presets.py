@@ -7,7 +7,9 @@ from importlib.resources import files
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optkit.errors import SpecValidationError, shorten
 
 
 class CatalogueEntry(BaseModel):
@@ -34,10 +36,20 @@ class RegistryFile(BaseModel):
     catalogue: dict[str, dict[str, CatalogueEntry]] = Field(default_factory=dict)
 
 
+PACKAGED = "registry.yaml"  # inside the optkit package: a real copy of the top-level registry.yaml, never a link
+
+
 @lru_cache(maxsize=1)
 def registry_file() -> RegistryFile:
-    text = files("optkit").joinpath("registry.yaml").read_text(encoding="utf-8")
-    return RegistryFile.model_validate(yaml.safe_load(text))
+    """The packaged catalogue (tests/test_registry.py also reads it with the strict spec reader: no duplicate
+    keys); a missing or broken file is one error saying so, not a traceback from deep inside a lookup."""
+    source = f"optkit/{PACKAGED}"
+    try:
+        text = files("optkit").joinpath(PACKAGED).read_text(encoding="utf-8")
+        return RegistryFile.model_validate(yaml.safe_load(text))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError) as exc:
+        raise SpecValidationError([f"optkit's preset catalogue cannot be read: {type(exc).__name__}: "
+                                   f"{shorten(str(exc), 500)}; reinstall optkit"], source=source) from None
 
 
 def preset_names(*, include_abstract: bool = False) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 import optkit
 from optkit.errors import BackendUnavailableError, SpecValidationError
 from optkit.interfaces import AttentionKernel, AttentionResult
-from optkit.registry import Capabilities, Provider
+from optkit.registration import Capabilities, Provider
 
 
 class DoubleSoftmaxFreeAttention(AttentionKernel):

@@ -1,4 +1,4 @@
-"""optkit.cli: plugins, info, validate, presets."""
+"""optkit.cli: plugins, info, spec validate, presets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 import optkit
 from optkit.cli import main
-from optkit.registry import Registry
+from optkit.registration import Registry
 
 ENV = ("OPTKIT_STRICT_PLUGINS", "OPTKIT_DISABLE_PLUGIN_AUTOLOAD", "OPTKIT_LOAD_PLUGINS", "OPTKIT_BLOCK_PLUGINS")
 
@@ -138,14 +138,14 @@ def test_info(capsys):
 def test_validate_ok(capsys, tmp_path):
     path = tmp_path / "sdpa.yaml"
     path.write_text("extends: opt-tiny\ndecoder: {attention: sdpa}\n", encoding="utf-8")
-    code, out, err = run(capsys, "validate", "opt-tiny", str(path))
+    code, out, err = run(capsys, "spec", "validate", "opt-tiny", str(path))
     assert (code, err) == (0, "")
     assert out == ("opt-tiny: ok (2 layers, hidden 64, attention eager, head causal_lm)\n"
                    f"{path}: ok (2 layers, hidden 64, attention sdpa, head causal_lm)\n")
 
 
 def test_validate_show(capsys):
-    code, out, _ = run(capsys, "validate", "--show", "opt-tiny")
+    code, out, _ = run(capsys, "spec", "validate", "--show", "opt-tiny")
     assert code == 0
     header, text = out.split("\n", 1)
     assert header == "opt-tiny: ok (2 layers, hidden 64, attention eager, head causal_lm)"
@@ -155,7 +155,7 @@ def test_validate_show(capsys):
 def test_validate_invalid(capsys, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("extends: opt-tiny\ndecoder: {hidden_size: 66, attention: sdp}\n", encoding="utf-8")
-    code, out, err = run(capsys, "validate", str(path), "opt-125m")
+    code, out, err = run(capsys, "spec", "validate", str(path), "opt-125m")
     assert code == 1
     assert out == "opt-125m: ok (12 layers, hidden 768, attention eager, head causal_lm)\n"
     assert err == (f"{path}: INVALID\n"
@@ -165,9 +165,19 @@ def test_validate_invalid(capsys, tmp_path):
 
 
 def test_validate_unknown_preset(capsys):
-    code, out, err = run(capsys, "validate", "opt-12m")
+    code, out, err = run(capsys, "spec", "validate", "opt-12m")
     assert (code, out) == (1, "")
     assert err.startswith("opt-12m: INVALID\n1 problem(s) in model spec:\n  - unknown preset 'opt-12m' (presets: ")
+
+
+def test_old_validate_command_is_a_hidden_deprecated_alias(capsys):
+    code, out, err = run(capsys, "validate", "opt-tiny")
+    assert (code, out) == (0, "opt-tiny: ok (2 layers, hidden 64, attention eager, head causal_lm)\n")
+    assert err == "optkit: 'optkit validate' is deprecated; use 'optkit spec validate'\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert "    spec " in listing and "    validate " not in listing and "validate," not in listing
 
 
 def test_presets(capsys):

@@ -31,7 +31,7 @@ from optkit.interfaces import (
     TokenEmbedding,
 )
 from optkit.plugins import PLUGIN_API, HookSpecs
-from optkit.registry import KINDS, Capabilities, Registry
+from optkit.registration import KINDS, Capabilities, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = (ROOT / "docs" / "hooks.md").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ import pytest
 
 from optkit.errors import DuplicateComponentError, PluginLoadError, PluginLoadWarning
 from optkit.plugins import load_entry_points
-from optkit.registry import Provider, Registry
+from optkit.registration import Provider, Registry
 
 ENV = ("OPTKIT_STRICT_PLUGINS", "OPTKIT_DISABLE_PLUGIN_AUTOLOAD", "OPTKIT_LOAD_PLUGINS", "OPTKIT_BLOCK_PLUGINS")
 KEEP_WORKING = "; the other plugins keep working. Set OPTKIT_STRICT_PLUGINS=1 to make this fatal."
@@ -116,7 +116,8 @@ def test_plugin_that_fails_to_import(registry, plugin):
     with pytest.warns(PluginLoadWarning) as warned:
         load_entry_points(registry, eps=eps)
     assert [str(w.message) for w in warned] == [
-        'error importing optkit plugin "okit_broken" (optkit-broken)' + KEEP_WORKING]
+        'error importing optkit plugin "okit_broken" (optkit-broken): ImportError: triton is not installed'
+        + KEEP_WORKING]
     broken = record(registry, "okit_broken")
     assert (broken.status, broken.reason, broken.components) == (
         "broken", "ImportError: triton is not installed", [])
@@ -141,7 +142,7 @@ def test_hook_that_raises_is_rolled_back(registry, plugin):
     with pytest.warns(PluginLoadWarning) as warned:
         load_entry_points(registry, eps=eps)
     assert [str(w.message) for w in warned] == [
-        'the optkit_register hook of plugin "okit_raiser" raised' + KEEP_WORKING]
+        'the optkit_register hook of plugin "okit_raiser" raised: RuntimeError: boom' + KEEP_WORKING]
     raiser = record(registry, "okit_raiser")
     assert (raiser.status, raiser.reason, raiser.components) == ("broken", "RuntimeError: boom", [])
     assert registry.names("attention") == ["okit_before"]
@@ -153,7 +154,8 @@ def test_strict_mode_makes_a_broken_plugin_fatal(registry, plugin, monkeypatch):
     ep = plugin("okit_strict", "raise ImportError('triton is not installed')", dist="optkit-strict")
     with pytest.raises(PluginLoadError) as info:
         load_entry_points(registry, eps=[ep])
-    assert str(info.value) == 'error importing optkit plugin "okit_strict" (optkit-strict) (OPTKIT_STRICT_PLUGINS is set)'
+    assert str(info.value) == ('error importing optkit plugin "okit_strict" (optkit-strict): ImportError: triton is '
+                               'not installed (OPTKIT_STRICT_PLUGINS is set)')
     assert isinstance(info.value.__cause__, ImportError)
     assert record(registry, "okit_strict").status == "broken"
 
@@ -169,7 +171,7 @@ def test_strict_mode_hook_error(registry, plugin, monkeypatch):
     """
     with pytest.raises(PluginLoadError) as info:
         load_entry_points(registry, eps=[plugin("okit_strict_hook", source)])
-    assert str(info.value) == ('the optkit_register hook of plugin "okit_strict_hook" raised '
+    assert str(info.value) == ('the optkit_register hook of plugin "okit_strict_hook" raised: ValueError: bad config '
                                "(OPTKIT_STRICT_PLUGINS is set)")
     assert isinstance(info.value.__cause__, ValueError)
 
@@ -219,22 +221,57 @@ def test_misspelled_hook_is_broken(registry, plugin):
     eps = [plugin("okit_a_typo", source, dist="optkit-typo"), good(plugin, "okit_z_after")]
     with pytest.warns(PluginLoadWarning) as warned:
         load_entry_points(registry, eps=eps)
-    assert [str(w.message) for w in warned] == [
-        'optkit plugin "okit_a_typo" (optkit-typo) defines an unknown hook' + KEEP_WORKING]
+    (message,) = [str(w.message) for w in warned]
+    assert message.startswith('optkit plugin "okit_a_typo" (optkit-typo) defines an unknown hook: '
+                              "PluginValidationError: unknown hook 'optkit_registr' in plugin <module 'okit_a_typo'")
+    assert message.endswith(KEEP_WORKING)
     typo = record(registry, "okit_a_typo")
     assert typo.status == "broken"
     assert typo.reason.startswith("PluginValidationError: unknown hook 'optkit_registr' in plugin <module 'okit_a_typo'")
     assert registry.names("attention") == ["okit_z_after"]  # later plugins still pass check_pending
 
 
-def test_same_component_from_two_distributions(registry, plugin):
+SECOND_OF_A_NAME = """
+import optkit
+
+@optkit.hookimpl
+def optkit_register(registry):
+    registry.register("mlp", "okit_dup_extra", lambda params, ctx: None)  # rolled back with the plugin
+    registry.register("attention", "okit_dup_a", lambda params, ctx: None)
+"""
+
+
+def test_same_component_from_two_distributions_disables_the_second(registry, plugin):
+    """The later plugin (third parties load after optkit's own) is disabled, naming both providers;
+    loading finishes, so `optkit plugins` still lists everything and other names keep working."""
     eps = [good(plugin, "okit_dup_a", dist="acme-a", version="1.0", name="first"),
-           plugin("okit_dup_b", GOOD.format(name="okit_dup_a"), dist="acme-b", version="2.0", name="second")]
-    with pytest.raises(DuplicateComponentError) as info:
+           plugin("okit_dup_b", SECOND_OF_A_NAME, dist="acme-b", version="2.0", name="second"),
+           good(plugin, "okit_dup_third", dist="acme-c", name="third")]
+    duplicate = ("attention 'okit_dup_a' is registered twice: by plugin 'first' (acme-a 1.0) and by plugin "
+                 "'second' (acme-b 2.0). Uninstall or block one of them (OPTKIT_BLOCK_PLUGINS), or register with "
+                 "override=True")
+    with pytest.warns(PluginLoadWarning) as warned:
         load_entry_points(registry, eps=eps)
-    assert str(info.value) == (
-        "attention 'okit_dup_a' is registered twice: by plugin 'first' (acme-a 1.0) and by plugin 'second' "
-        "(acme-b 2.0). Uninstall or block one of them (OPTKIT_BLOCK_PLUGINS), or register with override=True.")
+    assert [str(w.message) for w in warned] == [
+        f'optkit plugin "second" (acme-b) is disabled: DuplicateComponentError: {duplicate}' + KEEP_WORKING]
+    assert [(p.name, p.status, p.reason, p.components) for p in registry.plugins] == [
+        ("first", "ok", "", [("attention", "okit_dup_a")]),
+        ("second", "broken", f"DuplicateComponentError: {duplicate}", []),
+        ("third", "ok", "", [("attention", "okit_dup_third")])]
+    assert registry.get("attention", "okit_dup_a").provider.plugin == "first"
+    assert registry.names("attention") == ["okit_dup_a", "okit_dup_third"]
+    assert registry.names("mlp") == []
+
+
+def test_same_component_from_two_distributions_is_fatal_when_strict(registry, plugin, monkeypatch):
+    monkeypatch.setenv("OPTKIT_STRICT_PLUGINS", "1")
+    eps = [good(plugin, "okit_dupstrict_a", dist="acme-a", name="first"),
+           plugin("okit_dupstrict_b", GOOD.format(name="okit_dupstrict_a"), dist="acme-b", name="second")]
+    with pytest.raises(PluginLoadError, match=r"^optkit plugin \"second\" \(acme-b\) is disabled: "
+                       r"DuplicateComponentError: attention 'okit_dupstrict_a' is registered twice: by plugin "
+                       r"'first' \(acme-a 1.0\) and by plugin 'second' \(acme-b 1.0\)") as info:
+        load_entry_points(registry, eps=eps)
+    assert isinstance(info.value.__cause__, DuplicateComponentError)
 
 
 def test_entry_point_name_clash_between_distributions(registry, plugin):
@@ -242,7 +279,8 @@ def test_entry_point_name_clash_between_distributions(registry, plugin):
            good(plugin, "okit_clash_b", dist="acme-b", name="clash")]
     with pytest.warns(PluginLoadWarning) as warned:
         load_entry_points(registry, eps=eps)
-    assert [str(w.message) for w in warned] == ["plugin name 'clash' of acme-b clashes with acme-a" + KEEP_WORKING]
+    assert [str(w.message) for w in warned] == [
+        "plugin name 'clash' of acme-b clashes with acme-a: ValueError: duplicate entry-point name" + KEEP_WORKING]
     assert [(p.distribution, p.status, p.reason) for p in registry.plugins] == [
         ("acme-a", "ok", ""), ("acme-b", "broken", "ValueError: duplicate entry-point name")]
     assert registry.names("attention") == ["okit_clash_a"]

@@ -1,13 +1,26 @@
-"""optkit.registry: registration, lookup, error messages, capabilities and `auto` selection."""
+"""optkit.registration (the global instance is `optkit.registry`): registration, lookup, error messages,
+capabilities and `auto` selection."""
 
 from __future__ import annotations
+
+import importlib
+import types
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from optkit.errors import BackendUnavailableError, DuplicateComponentError, UnknownComponentError
-from optkit.registry import KINDS, Capabilities, NoParams, PluginRecord, Provider, Registry
+import optkit
+import optkit.registration
+
+from optkit.errors import BackendUnavailableError, ComponentError, DuplicateComponentError, UnknownComponentError
+from optkit.registration import AUTO_KINDS, KINDS, Capabilities, NoParams, PluginRecord, Provider, Registry
+
+from optkit.spec import parse_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CUDA_HALF = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"float16", "bfloat16"}))
 
@@ -169,16 +182,16 @@ def test_params_model_must_forbid_extra(registry):
     class Loose(BaseModel):
         width: int = 1
 
-    with pytest.raises(TypeError) as info:
+    with pytest.raises(ComponentError) as info:
         registry.register("mlp", "loose", eager, params=Loose)
     assert str(info.value) == "mlp 'loose': params model Loose must set extra='forbid'"
     assert ("mlp", "loose") not in registry
 
 
 def test_params_must_be_a_pydantic_model(registry):
-    with pytest.raises(TypeError) as info:
+    with pytest.raises(ComponentError) as info:
         registry.register("mlp", "dict", eager, params=dict)
-    assert str(info.value) == "mlp 'dict': params must be a pydantic BaseModel subclass"
+    assert str(info.value) == "mlp 'dict': params must be a pydantic BaseModel subclass, got <class 'dict'>"
 
 
 def test_default_params_model_forbids_extra(registry):
@@ -257,3 +270,31 @@ def test_select_auto_uncatalogued_kind(registry):
     assert registry.select_auto("kv_cache", "cpu", torch.float32).name == "dynamic"
     with pytest.raises(BackendUnavailableError, match=r"^no usable linear for cpu/float32"):
         registry.select_auto("linear", "cpu", torch.float32)
+
+
+# -- one name per thing ----------------------------------------------------------------------------
+def test_the_module_and_the_global_instance_have_different_names():
+    assert isinstance(optkit.registration, types.ModuleType)
+    assert isinstance(optkit.registry, Registry) and optkit.Registry is optkit.registration.Registry
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("optkit.registry")  # the instance is no module
+
+
+def test_kinds_and_auto_kinds_are_defined_once():
+    from optkit import builder, spec
+
+    assert spec.DECODER_COMPONENTS + ("head",) == KINDS
+    assert builder.AUTO_KINDS is AUTO_KINDS and set(AUTO_KINDS) <= set(KINDS)
+    assert spec.AUTO == optkit.registration.AUTO == "auto"
+
+
+def test_the_packaged_registry_yaml_is_a_real_copy_of_the_top_level_one():
+    """optkit/registry.yaml is what installs with the package; it must be a file (a symlink breaks in
+    checkouts without symlink support) with exactly the top-level file's bytes."""
+    packaged = ROOT / "optkit" / "registry.yaml"
+    assert packaged.is_file() and not packaged.is_symlink()
+    assert packaged.read_bytes() == (ROOT / "registry.yaml").read_bytes(), (
+        "optkit/registry.yaml differs from registry.yaml: edit the top-level file, then "
+        "`cp registry.yaml optkit/registry.yaml`")
+    assert files("optkit").joinpath("registry.yaml").read_bytes() == packaged.read_bytes()
+    assert parse_yaml(packaged.read_text(encoding="utf-8"))["api_version"] == 1  # no duplicate keys, no odd nesting

@@ -289,7 +289,7 @@ decoder:
         "decoder.hidden_sise: unknown field (not allowed here)",
         f"decoder.attention: {FLSH}",
         "decoder.mlp.params.activation: Input should be 'relu', 'gelu', 'gelu_new', 'gelu_pytorch_tanh', "
-        "'silu' or 'swish'",
+        "'silu' or 'swish' (got 'relux')",
     ]
     assert str(info.value) == "4 problem(s) in model spec:\n" + "\n".join(f"  - {p}" for p in problems(info))
 

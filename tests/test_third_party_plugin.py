@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import optkit
-from optkit.errors import DuplicateComponentError
+from optkit.errors import DuplicateComponentError, PluginLoadError
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
-from optkit.registry import Capabilities, Provider
+from optkit.registration import Capabilities, Provider
 from optkit.testing import (
     AttentionBackendSuite,
     ConformanceError,
@@ -421,18 +421,18 @@ def test_temporary_plugin_registers_a_module_and_rolls_back_a_failing_hook():
             raise RuntimeError("boom")
 
     module = types.ModuleType("scratch_plugin")
-    module.optkit_register, module.OPTKIT_PLUGIN_API = hook, 1
+    module.optkit_register, module.OPTKIT_PLUGIN_API = optkit.hookimpl(hook), 1
     fail = False
     with temporary_plugin(module) as added:
         assert added == [("attention", "scratch_a")]
         assert optkit.registry.get("attention", "scratch_a").provider.plugin == "scratch_plugin"
     assert ("attention", "scratch_a") not in optkit.registry
     fail = True
-    with pytest.raises(RuntimeError, match="boom"), temporary_plugin(module):
+    with pytest.raises(PluginLoadError, match="raised: RuntimeError: boom"), temporary_plugin(module):
         pass
     assert ("attention", "scratch_a") not in optkit.registry
     module.OPTKIT_PLUGIN_API = 2
-    with pytest.raises(RuntimeError, match="declares OPTKIT_PLUGIN_API = 2"), temporary_plugin(module):
+    with pytest.raises(PluginLoadError, match="built for optkit plugin API 2"), temporary_plugin(module):
         pass
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from optkit.interfaces import AttentionMask
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 PADDING_LAYOUTS = ("none", "left", "right", "slots", "random")
 SHORT = st.integers(1, 8)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from optkit.errors import BackendUnavailableError, SpecValidationError, UnknownComponentError
 from optkit.interfaces import AttentionKernel, AttentionMask
-from optkit.registry import ALL_DTYPES, Registration, Registry
+from optkit.registration import ALL_DTYPES, Registration, Registry
 from optkit.testing.cases import AttentionCase, attention_cases, empty_row_cases
 
 try:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from optkit.registry import Registration, Registry
+from optkit.registration import Registration, Registry
 from optkit.testing.registries import fresh_registry, temporary_component
 
 

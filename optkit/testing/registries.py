@@ -11,8 +11,9 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from optkit.plugins import ENTRY_POINT_GROUP, FIRST_PARTY, PLUGIN_API, load_entry_points
-from optkit.registry import Provider, Registration, Registry
+from optkit.errors import PluginLoadError
+from optkit.plugins import ENTRY_POINT_GROUP, FIRST_PARTY, PluginFailure, load_entry_points, original, register_plugin
+from optkit.registration import Provider, Registration, Registry
 
 
 def fresh_registry(*, first_party: bool = True, plugins: tuple[ModuleType, ...] = ()) -> Registry:
@@ -31,35 +32,21 @@ def _load_first_party(registry: Registry) -> None:
     eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP)
            if getattr(ep, "dist", None) is not None and ep.dist.metadata["Name"] == FIRST_PARTY]
     if not eps:
-        raise RuntimeError("optkit's own entry points are not installed, so neither this registry nor the global "
+        raise PluginLoadError("optkit's own entry points are not installed, so neither this registry nor the global "
                            "one can find its components: install optkit with pip (pip install -e .)")
     load_entry_points(registry, eps=eps)
 
 
 def add_plugin(module: ModuleType, registry: Registry, *, provider: Provider | None = None
                ) -> list[tuple[str, str]]:
-    """Call a plugin module's ``optkit_register`` hook as the loader would; returns what it
-    registered. Refuses a module built for another plugin API, like the loader."""
-    declared = getattr(module, "OPTKIT_PLUGIN_API", PLUGIN_API)
-    if declared != PLUGIN_API:
-        raise RuntimeError(f"plugin module {module.__name__} declares OPTKIT_PLUGIN_API = {declared}; "
-                           f"this optkit provides API {PLUGIN_API}")
-    hook = getattr(module, "optkit_register", None)
-    if hook is None:
-        raise TypeError(f"plugin module {module.__name__} has no optkit_register hook")
-    before = _keys(registry)
+    """Register a plugin module into ``registry`` exactly as the loader does (its declared API, its
+    ``@optkit.hookimpl`` marker, rollback of additions and overrides when the hook fails); returns
+    the ``(kind, name)`` pairs it added. Where the loader would mark the plugin broken, this raises
+    the `PluginLoadError` the loader raises under OPTKIT_STRICT_PLUGINS=1."""
     try:
-        with registry.providing(provider or Provider(module.__name__, "<temporary>", "?")):
-            hook(registry=registry)
-    except BaseException:
-        for kind, name in _keys(registry) - before:  # roll back, as the loader does
-            registry.unregister(kind, name)
-        raise
-    return sorted(_keys(registry) - before)
-
-
-def _keys(registry: Registry) -> set[tuple[str, str]]:
-    return {(r.kind, r.name) for r in registry.registrations()}
+        return register_plugin(registry, module, provider or Provider(module.__name__, "<temporary>", "?"))
+    except PluginFailure as failure:
+        raise PluginLoadError(str(failure)) from original(failure.cause)
 
 
 def _target(registry: Registry | None) -> Registry:
@@ -79,7 +66,7 @@ def temporary_component(kind: str, name: str, factory: Callable[..., Any], *, re
     """Register ``(kind, name)`` for the duration of the block (global registry by default).
 
     ``register_kwargs`` go to ``Registry.register`` (params, capabilities, check,
-    description, override). A component it overrode comes back afterwards.
+    description, override, auto_priority). A component it overrode comes back afterwards.
     """
     target = _target(registry)
     previous = target.get(kind, name) if (kind, name) in target else None
@@ -94,15 +81,19 @@ def temporary_component(kind: str, name: str, factory: Callable[..., Any], *, re
 
 @contextlib.contextmanager
 def temporary_plugin(module: ModuleType, *, registry: Registry | None = None) -> Iterator[list[tuple[str, str]]]:
-    """Run a plugin module's hook for the duration of the block (no install needed);
-    yields the ``(kind, name)`` pairs it registered and removes them afterwards."""
+    """Run a plugin module's hook for the duration of the block (no install needed); yields the
+    ``(kind, name)`` pairs it added, and afterwards removes them and restores what it overrode."""
     target = _target(registry)
+    before = {(r.kind, r.name): r for r in target.registrations()}
     added = add_plugin(module, target)
+    replaced = [entry for entry in before.values() if target.get(entry.kind, entry.name) is not entry]
     try:
         yield added
     finally:
         for kind, name in added:
             target.unregister(kind, name)
+        for entry in replaced:
+            _restore(target, entry)
 
 
 def _restore(registry: Registry, entry: Registration) -> None:
@@ -110,7 +101,7 @@ def _restore(registry: Registry, entry: Registration) -> None:
     with registry.providing(entry.provider):
         registry.register(entry.kind, entry.name, entry.factory, params=entry.params,
                           capabilities=entry.capabilities, check=entry.check, description=entry.description,
-                          override=True)
+                          override=True, auto_priority=entry.auto_priority)
     for record in registry.plugins:  # register() listed it again under its plugin: once is enough
         if record.name == entry.provider.plugin and record.components.count((entry.kind, entry.name)) > 1:
             record.components.reverse()

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from optkit.registry import Registry
+from optkit.registration import Registry
 from optkit.testing.conformance import DEFAULT_EXAMPLES, PropertyResult, make_subject, run_property
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 import optkit
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult, is_power_of_two
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 OPTKIT_PLUGIN_API = 1
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import optkit
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 OPTKIT_PLUGIN_API = 1
 

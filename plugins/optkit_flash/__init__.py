@@ -22,7 +22,7 @@ from torch import Tensor
 
 import optkit
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 from . import library
 from .library import FlashBackend, Implementation, check_head_dim

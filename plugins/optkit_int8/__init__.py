@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import optkit
-from optkit.registry import ALL_DTYPES, Capabilities
+from optkit.registration import ALL_DTYPES, Capabilities
 
 OPTKIT_PLUGIN_API = 1
 INSTALL_HINT = "install it with `pip install 'optkit[int8]'`"

@@ -7,7 +7,7 @@ module tree are the ones OPT uses. Registered through the ``optkit`` entry-point
 from __future__ import annotations
 
 import optkit
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 from . import embeddings, mlp, norms, rotary
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import optkit
 from optkit import torch_internals
 from optkit.interfaces import StackableLinear
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 OPTKIT_PLUGIN_API = 1
 DTYPES = (torch.float32, torch.bfloat16)

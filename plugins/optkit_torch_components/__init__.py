@@ -6,7 +6,7 @@ Registered through the ``optkit`` entry-point group like any third-party plugin.
 from __future__ import annotations
 
 import optkit
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 
 from . import blocks, caches, embeddings, heads, layers
 

@@ -32,7 +32,7 @@ from torch import Tensor
 import optkit
 from optkit.errors import BackendUnavailableError
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
-from optkit.registry import Capabilities
+from optkit.registration import Capabilities
 from optkit_flash.library import cuda_reasons
 from optkit_flash.varlen import Segments, VarlenPlan, plan_for, run_plan, visible_key_len
 
