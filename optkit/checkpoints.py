@@ -23,7 +23,7 @@ from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENS
                                      SAFETENSORS_INDEX, Weights, capped, find_weights, quoted, read_weights,
                                      write_checkpoint, Writer)
 from optkit.errors import CheckpointError, CheckpointNotFoundError, SpecValidationError
-from optkit.formats import HEAD_PREFIXES, CheckpointFormat, format_for_config, format_for_spec
+from optkit.formats import CheckpointFormat, format_for_config, format_for_spec
 from optkit.spec import ModelSpec
 
 # Floating dtypes a config's torch_dtype may name for dtype="auto".
@@ -53,7 +53,7 @@ def optkit_key(fmt: CheckpointFormat, hf_key: str) -> str | None:
     if IGNORED_KEYS.search(hf_key):
         return None
     key = hf_key.removeprefix("model.")
-    for prefix in HEAD_PREFIXES:
+    for prefix in fmt.head_prefixes:
         if key.startswith(prefix + "."):
             return f"head[{prefix}]." + key[len(prefix) + 1:]
     return fmt.optkit_key(key)
@@ -172,7 +172,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     are written in the same all-or-nothing step, e.g. a trainer's state next to its weights.
     """
     directory = Path(directory)
-    fmt = format_for_spec(model.spec)
+    fmt = format_for_spec(model.spec, registry=model.registry)
     config = fmt.config_from_spec(model.spec, model.dtype)
     base = model.spec.head.name == "base"
     tied = model.head.tied

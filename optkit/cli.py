@@ -32,7 +32,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                            "status": p.status, "reason": p.reason,
                            "components": [f"{k}:{n}" for k, n in p.components],
                            "unusable": {f"{k}:{n}": r for k, n in p.components
-                                        if (r := registry.get(k, n).unavailable_reasons(device, dtype))}}
+                                        if (r := registry.reasons_unavailable(k, n, device, dtype))}}
                           for p in registry.plugins], indent=2))
         return 0
     device, dtype = torch.device(_device(args.device)), getattr(torch, args.dtype)
@@ -40,7 +40,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         status = p.status if not p.reason else f"{p.status}: {p.reason}"
         print(f"{p.name} ({p.distribution} {p.version}) [{status}]")
         for kind, name in p.components:
-            reasons = registry.get(kind, name).unavailable_reasons(device, dtype) if args.usable else []
+            reasons = registry.reasons_unavailable(kind, name, device, dtype) if args.usable else []
             note = f"  (not usable on {device.type}/{args.dtype}: {'; '.join(reasons)})" if reasons else ""
             print(f"    {kind}: {name}{note}")
     if not registry.plugins:

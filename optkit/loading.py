@@ -31,7 +31,7 @@ from optkit.spec import ModelSpec
 def load_weights(model: Model, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
                  source: str) -> None:
     """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file."""
-    fmt = format_for_spec(model.spec)
+    fmt = format_for_spec(model.spec, registry=model.registry)
     state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
     name = _file_namer(fmt, model, raw, names)
     expected = dict(model.state_dict())

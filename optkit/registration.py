@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from optkit.errors import (
     BackendUnavailableError,
+    CheckpointError,
     ComponentError,
     DuplicateComponentError,
     InputError,
@@ -30,6 +31,7 @@ from optkit.errors import (
     brief_repr,
     shorten,
 )
+from optkit.formats.base import CheckpointFormat
 from optkit.plugins import PluginRecord, Provider, describe, guarded, load_entry_points
 
 Kind = Literal[
@@ -39,6 +41,9 @@ KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
 AUTO = "auto"  # the name that asks optkit to pick the best usable component of a kind
 AUTO_KINDS: tuple[str, ...] = ("attention", "linear", "kv_cache")  # the kinds that accept AUTO
 ALL_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+
+
+FORMAT_KIND = "checkpoint_format"  # how `optkit plugins` lists a plugin's checkpoint formats
 
 
 class NoParams(BaseModel):
@@ -118,6 +123,7 @@ class Registry:
 
     def __init__(self, *, autoload: bool = True) -> None:
         self._items: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        self._formats: dict[str, tuple[CheckpointFormat, Provider]] = {}  # model_type -> checkpoint format
         self._autoload = autoload
         self._loaded = not autoload
         self._lock = threading.RLock()
@@ -140,6 +146,7 @@ class Registry:
                 load_entry_points(self)
             except BaseException:  # leave no half-loaded state behind for the next attempt
                 self._items = {kind: {} for kind in KINDS}
+                self._formats = {}
                 self.plugins = []
                 self._loaded = False
                 raise
@@ -158,10 +165,11 @@ class Registry:
         """Keep what the block registers only if it finishes: additions and overrides alike are undone
         when it raises (how a failing plugin hook leaves no trace)."""
         saved = {kind: dict(items) for kind, items in self._items.items()}
+        saved_formats = dict(self._formats)
         try:
             yield
         except BaseException:
-            self._items = saved
+            self._items, self._formats = saved, saved_formats
             raise
 
     # -- registration ----------------------------------------------------------------------
@@ -202,6 +210,54 @@ class Registry:
 
     def unregister(self, kind: str, name: str) -> None:
         self._items.get(kind, {}).pop(name, None)
+
+    # -- checkpoint formats ------------------------------------------------------------------
+    def register_format(self, fmt: CheckpointFormat, *, override: bool = False) -> CheckpointFormat:
+        """Add a checkpoint format (a family's config.json and key layout; see optkit.formats.base).
+
+        Like components: a second plugin registering the same ``model_type`` is a DuplicateComponentError
+        naming both, unless it passes ``override=True``.
+        """
+        if not isinstance(fmt, CheckpointFormat):
+            raise ComponentError(f"register_format expects an optkit.formats.base.CheckpointFormat, got "
+                                 f"{brief_repr(fmt)}")
+        provider = self._provider or Provider("<direct>", "?", "?")
+        existing = self._formats.get(fmt.model_type)
+        if existing is not None and not override and existing[0] is not fmt:
+            raise DuplicateComponentError(
+                f"checkpoint format '{fmt.model_type}' is registered twice: by {existing[1]} and by {provider}. "
+                f"Uninstall or block one of them (OPTKIT_BLOCK_PLUGINS), or register with override=True.")
+        self._formats[fmt.model_type] = (fmt, provider)
+        for record in self.plugins:
+            if record.name == provider.plugin:
+                record.components.append((FORMAT_KIND, fmt.model_type))
+        return fmt
+
+    def reasons_unavailable(self, kind: str, name: str, device: torch.device | str, dtype: torch.dtype) -> list[str]:
+        """Why a plugin's registration (a component, or a checkpoint format: always usable) cannot run here."""
+        return [] if kind == FORMAT_KIND else self.get(kind, name).unavailable_reasons(device, dtype)
+
+    def formats(self) -> list[CheckpointFormat]:
+        self.ensure_loaded()
+        return [self._formats[name][0] for name in sorted(self._formats)]
+
+    def format_for_model_type(self, model_type: Any, source: str | None = None) -> CheckpointFormat:
+        """The format of a config.json's ``model_type``, or a CheckpointError naming the ones installed."""
+        self.ensure_loaded()
+        if isinstance(model_type, str) and model_type in self._formats:
+            return self._formats[model_type][0]
+        raise CheckpointError(f"{source or 'config.json'}: model_type is {brief_repr(model_type)}; optkit loads "
+                              + (", ".join(repr(m) for m in sorted(self._formats)) or "no") + " checkpoints"
+                              + " (a plugin may register more formats)")
+
+    def format_for_family(self, family: str) -> CheckpointFormat:
+        """The format that saves a spec's family, or a CheckpointError naming the families that have one."""
+        self.ensure_loaded()
+        for fmt, _ in self._formats.values():
+            if fmt.family == family:
+                return fmt
+        raise CheckpointError(f"family: no checkpoint format for '{family}' "
+                              f"(formats: {', '.join(f.family for f, _ in self._formats.values()) or 'none'})")
 
     # -- lookup ----------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:

@@ -23,6 +23,7 @@ flash (optkit 0.1.0) [ok]
 int8 (optkit 0.1.0) [ok]
     linear: int8
 llama_components (optkit 0.1.0) [ok]
+    checkpoint_format: open-llama
     norm: rmsnorm
     positional_embedding: rotary
     mlp: gated
@@ -39,6 +40,7 @@ torch_components (optkit 0.1.0) [ok]
     linear: torch
     kv_cache: dynamic
     kv_cache: static
+    checkpoint_format: opt
     block: sequential
     head: base
     head: causal_lm

@@ -1,145 +1,36 @@
 """Checkpoint formats: how one model family's ``config.json`` and key names map to optkit.
 
-A format is data plus two small functions; adding a family adds a format, never an
-edit to the loader.
+The format type lives in :mod:`optkit.formats.base`; the formats themselves (``optkit.formats.opt``,
+``optkit.formats.open_llama``, a plugin's own) are registered through the plugin hook like components
+(``registry.register_format``), and these two lookups ask a registry for them.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import reprlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+from optkit.formats.base import (BOOL, INT, NUMBER, STR, TRANSFORMERS_HEAD_PREFIXES, CheckpointFormat,  # noqa: F401
+                                 check_config_types, with_head_and_dtype)
 
-from optkit.errors import CheckpointError
-from optkit.spec import ModelSpec
-
-HEAD_PREFIXES = ("lm_head", "score", "qa_outputs")
-
-# JSON kinds a config field may have: int (not bool), float (any number), bool, str, dict, list, None (null).
-Kinds = tuple[Any, ...]
-INT: Kinds = (int,)
-NUMBER: Kinds = (float,)
-BOOL: Kinds = (bool,)
-STR: Kinds = (str,)
-# Fields every family reads the same way (heads and special tokens).
-COMMON_CONFIG_TYPES: dict[str, Kinds] = {
-    "tie_word_embeddings": BOOL, "num_labels": INT, "id2label": (dict,), "problem_type": (str, None),
-    "pad_token_id": (int, None), "bos_token_id": (int, None), "eos_token_id": (int, None),
-}
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-               list: "a list", None: "null"}
+if TYPE_CHECKING:
+    from optkit.registration import Registry
+    from optkit.spec import ModelSpec
 
 
-def _fits(value: Any, kinds: Kinds) -> bool:
-    """Whether a JSON value has one of the kinds (true/false never counts as a number)."""
-    for kind in kinds:
-        if kind is None:
-            if value is None:
-                return True
-        elif isinstance(value, bool):
-            if kind is bool:
-                return True
-        elif kind is float and isinstance(value, (int, float)) or kind is not float and isinstance(value, kind):
-            return True
-    return False
+def _registry(registry: Registry | None) -> Registry:
+    if registry is not None:
+        return registry
+    from optkit import registry as global_registry
+
+    return global_registry
 
 
-def _as_json(value: Any) -> str:
-    text = json.dumps(value, default=repr)
-    return text if len(text) <= 120 else text[:117] + "..."
+def format_for_config(config: dict[str, Any], source: str | None = None, *,
+                      registry: Registry | None = None) -> CheckpointFormat:
+    """The format a ``config.json`` declares (its ``model_type``)."""
+    return _registry(registry).format_for_model_type(config.get("model_type"), source)
 
 
-def check_config_types(config: dict[str, Any], types: dict[str, Kinds], source: str | None) -> None:
-    """One CheckpointError naming every config field whose JSON type is wrong (``"yes"`` for a boolean...).
-
-    Values of the right type but out of range are the spec's to judge (SpecValidationError).
-    """
-    problems = [f"field '{name}' must be {' or '.join(_KIND_NAMES[k] for k in kinds)}, got {_as_json(config[name])}"
-                for name, kinds in types.items() if name in config and not _fits(config[name], kinds)]
-    if problems:
-        raise CheckpointError(f"{source or 'config.json'}: " + "; ".join(problems) + ". Fix the field(s) in the file")
-
-
-@dataclass(frozen=True)
-class CheckpointFormat:
-    """transformers' layout of one family.
-
-    ``renames`` map keys (after stripping the ``model.`` prefix) to optkit module paths;
-    each pair is (transformers regex, optkit replacement) and must be invertible by
-    ``inverse`` pairs for saving.
-    """
-
-    model_type: str
-    family: str
-    spec_from_config: Callable[..., ModelSpec]
-    config_from_spec: Callable[[ModelSpec, torch.dtype | None], dict[str, Any]]
-    renames: tuple[tuple[str, str], ...] = ()
-    inverse: tuple[tuple[str, str], ...] = ()
-    head_classes: dict[str, str] = field(default_factory=dict)
-    config_types: dict[str, Kinds] = field(default_factory=dict)  # config.json field -> the JSON kinds it may have
-
-    def check_config(self, config: dict[str, Any], source: str | None = None) -> None:
-        """Refuse config fields of the wrong JSON type, naming the file and each field."""
-        check_config_types(config, {**COMMON_CONFIG_TYPES, **self.config_types}, source)
-
-    def optkit_key(self, key: str) -> str:
-        for pattern, replacement in self.renames:
-            key = re.sub(pattern, replacement, key)
-        return key
-
-    def hf_key(self, key: str) -> str:
-        for pattern, replacement in self.inverse:
-            key = re.sub(pattern, replacement, key)
-        return key
-
-
-FORMATS: dict[str, CheckpointFormat] = {}
-
-
-def with_head_and_dtype(config: dict[str, Any], spec: ModelSpec, dtype: torch.dtype | None) -> dict[str, Any]:
-    """The config fields every family shares: classification labels and the weights' dtype."""
-    if spec.head.name == "sequence_classification":
-        labels = spec.head.params.get("num_labels", 2)
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-        config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-        if spec.head.params.get("problem_type"):
-            config["problem_type"] = spec.head.params["problem_type"]
-    if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return config
-
-
-def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
-    FORMATS[fmt.model_type] = fmt
-    return fmt
-
-
-def _load_builtin() -> None:
-    from optkit.formats import opt  # noqa: F401
-
-    try:
-        from optkit.formats import open_llama  # noqa: F401
-    except ImportError:
-        pass
-
-
-def format_for_config(config: dict[str, Any], source: str | None = None) -> CheckpointFormat:
-    _load_builtin()
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in FORMATS:
-        raise CheckpointError(f"{source or 'config.json'}: model_type is {reprlib.repr(model_type)}; optkit loads "
-                              + ", ".join(repr(m) for m in sorted(FORMATS)) + " checkpoints")
-    return FORMATS[model_type]
-
-
-def format_for_spec(spec: ModelSpec) -> CheckpointFormat:
-    _load_builtin()
-    for fmt in FORMATS.values():
-        if fmt.family == spec.family:
-            return fmt
-    raise CheckpointError(f"family: no checkpoint format for '{spec.family}' "
-                          f"(formats: {', '.join(f.family for f in FORMATS.values())})")
+def format_for_spec(spec: ModelSpec, *, registry: Registry | None = None) -> CheckpointFormat:
+    """The format that saves a spec's family."""
+    return _registry(registry).format_for_family(spec.family)

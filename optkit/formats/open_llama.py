@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from optkit.errors import SpecValidationError
-from optkit.formats import BOOL, INT, NUMBER, STR, CheckpointFormat, register_format, with_head_and_dtype
+from optkit.formats.base import BOOL, INT, NUMBER, STR, CheckpointFormat, with_head_and_dtype
 from optkit.spec import ModelSpec, validate_spec
 
 MODEL_TYPE = "open-llama"
@@ -203,7 +203,7 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype | None = None) -> dict[
     return with_head_and_dtype(config, spec, dtype)
 
 
-OPEN_LLAMA = register_format(CheckpointFormat(
+OPEN_LLAMA = (CheckpointFormat(
     model_type=MODEL_TYPE,
     family=FAMILY,
     spec_from_config=spec_from_config,

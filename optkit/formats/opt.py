@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from optkit.errors import SpecValidationError
-from optkit.formats import BOOL, INT, NUMBER, STR, CheckpointFormat, register_format, with_head_and_dtype
+from optkit.formats.base import BOOL, INT, NUMBER, STR, CheckpointFormat, with_head_and_dtype
 from optkit.spec import ModelSpec, validate_spec
 
 HEAD_CLASSES = {
@@ -112,7 +112,7 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype | None = None) -> dict[
     return with_head_and_dtype(config, spec, dtype)
 
 
-OPT = register_format(CheckpointFormat(
+OPT = (CheckpointFormat(
     model_type="opt",
     family="opt",
     spec_from_config=spec_from_config,

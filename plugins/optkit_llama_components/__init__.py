@@ -7,6 +7,7 @@ module tree are the ones OPT uses. Registered through the ``optkit`` entry-point
 from __future__ import annotations
 
 import optkit
+from optkit.formats.open_llama import OPEN_LLAMA
 from optkit.registration import Capabilities
 
 from . import embeddings, mlp, norms, rotary
@@ -17,6 +18,7 @@ GRAPH_SAFE = Capabilities(cuda_graphs=True)  # no host syncs: decode steps can b
 
 @optkit.hookimpl
 def optkit_register(registry) -> None:
+    registry.register_format(OPEN_LLAMA)  # transformers' Open-Llama config.json and key names
     registry.register("norm", "rmsnorm", norms.rmsnorm, params=norms.RMSNormParams,
                       capabilities=GRAPH_SAFE,
                       description="RMSNorm in fp32, cast back before the weight (LLaMA, Open-Llama)")

@@ -6,6 +6,7 @@ Registered through the ``optkit`` entry-point group like any third-party plugin.
 from __future__ import annotations
 
 import optkit
+from optkit.formats.opt import OPT
 from optkit.registration import Capabilities
 
 from . import blocks, caches, embeddings, heads, layers
@@ -29,6 +30,7 @@ def optkit_register(registry) -> None:
     registry.register("kv_cache", "dynamic", caches.dynamic_cache, description="grows by concatenation")
     registry.register("kv_cache", "static", caches.static_cache, params=caches.StaticCacheParams,
                       capabilities=GRAPH_SAFE, description="preallocated, updated in place (for CUDA graphs)")
+    registry.register_format(OPT)  # transformers' OPT config.json and key names
     registry.register("block", "sequential", blocks.sequential_block, capabilities=GRAPH_SAFE,
                       description="OPT's layer: attention then MLP, residuals, norms before or after")
     registry.register("head", "base", heads.base_head, capabilities=GRAPH_SAFE, description="final hidden states")
