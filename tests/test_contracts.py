@@ -161,3 +161,29 @@ def test_no_import_cycles_between_optkit_modules():
         if start not in state:
             visit(start, [start])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# -- checkpoint formats come through the plugin hook ------------------------------------------------------------
+def test_a_plugin_registers_a_checkpoint_format_and_duplicates_name_both_providers():
+    from dataclasses import replace
+
+    from optkit.formats import format_for_config, format_for_spec
+    from optkit.formats.opt import OPT
+    from optkit.registration import Provider
+    from optkit.testing import fresh_registry
+
+    registry = fresh_registry()
+    assert format_for_config({"model_type": "opt"}, registry=registry) is OPT
+    assert format_for_spec(optkit.load_spec("opt-tiny"), registry=registry) is OPT
+    mine = replace(OPT, model_type="acme-opt", family="acme", head_prefixes=("lm_head", "classifier"))
+    with registry.providing(Provider("acme", "acme-formats", "1.0")):
+        registry.register_format(mine)
+    assert format_for_config({"model_type": "acme-opt"}, registry=registry) is mine
+    assert "acme-opt" not in {f.model_type for f in optkit.registry.formats()}  # only in this registry
+    with registry.providing(Provider("other", "other-formats", "2.0")):
+        with pytest.raises(optkit.DuplicateComponentError, match=r"acme-opt.*acme-formats 1.0.*other-formats 2.0"):
+            registry.register_format(replace(mine))
+    with pytest.raises(optkit.CheckpointError, match="model_type is 'gpt2'; optkit loads 'acme-opt', 'open-llama', 'opt'"):
+        format_for_config({"model_type": "gpt2"}, registry=registry)
+    with pytest.raises(optkit.OptkitError, match="CheckpointFormat"):
+        registry.register_format({"model_type": "x"})
