@@ -1,10 +1,13 @@
 """optkit: assemble, load and run OPT-family language models from typed, pluggable components.
 
-Plugins load on first use of `optkit.registry`, never at import.
+Plugins load on first use of `optkit.registry`, never at import; `import optkit` does not even import
+torch (the registry, and everything that needs torch, is made on first use), so a command-line tool
+answers Ctrl-C cleanly from its first instant.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from optkit.errors import (
@@ -21,13 +24,12 @@ from optkit.errors import (
     UnknownComponentError,
 )
 from optkit.plugins import hookimpl
-from optkit.registration import Capabilities, Registry
 
 __version__ = "0.1.0"
 
-registry = Registry(autoload=True)
-
 _LAZY = {
+    "Capabilities": "optkit.registration",
+    "Registry": "optkit.registration",
     "ModelSpec": "optkit.spec",
     "load_spec": "optkit.spec",
     "build": "optkit.builder",
@@ -46,7 +48,22 @@ _LAZY = {
 }
 
 
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _global_registry() -> Any:
+    """The registry every build uses unless given another: made once, on first use."""
+    with _REGISTRY_LOCK:
+        if "registry" not in globals():
+            from optkit.registration import Registry
+
+            globals()["registry"] = Registry(autoload=True)
+        return globals()["registry"]
+
+
 def __getattr__(name: str) -> Any:
+    if name == "registry":
+        return _global_registry()
     if name in _LAZY:
         import importlib
 
