@@ -296,6 +296,26 @@ class Model(nn.Module):
             raise InputError(f"attention backend '{name}' cannot return attention weights; "
                              f"switch with optkit.set_backend(model, attention='{able[0] if able else 'eager'}')")
 
+    def _check_attention_capabilities(self, attention_mask: Tensor | None, cached: bool) -> None:
+        """What this call asks of the attention kernel (padding, a KV cache, gradients, dropout) must be among
+        the capabilities its registration declares; otherwise one error now, not wrong numbers later."""
+        name = self.spec.decoder.attention.name
+        if ("attention", name) not in self.registry:
+            return  # a kernel installed by hand (not through the registry) answers for itself
+        caps = self.registry.get("attention", name).capabilities
+        needs: dict[str, str] = {}
+        if not caps.kv_cache and cached:
+            needs["kv_cache"] = "this call uses a KV cache (past_key_values / use_cache=True)"
+        if not caps.padding and attention_mask is not None and not bool(attention_mask.all()):
+            needs["padding"] = "attention_mask marks padding"
+        if self.training and torch.is_grad_enabled():
+            if not caps.backward:
+                needs["backward"] = "the model is in training mode with gradients on"
+            if not caps.dropout and self.spec.decoder.attention_dropout > 0:
+                needs["dropout"] = f"decoder.attention_dropout={self.spec.decoder.attention_dropout} applies in training"
+        if needs:
+            self.registry.require_capabilities("attention", name, needs)
+
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute every layer during backward instead of storing its activations."""
         self.decoder.gradient_checkpointing = enabled
@@ -327,6 +347,7 @@ class Model(nn.Module):
             self._check_positions(position_ids)
         if output_attentions:
             self._check_attention_weights()
+        self._check_attention_capabilities(attention_mask, past_key_values is not None or bool(use_cache))
         cache = past_key_values
         if cache is None and use_cache:
             ref = input_ids if input_ids is not None else inputs_embeds

@@ -187,3 +187,25 @@ def test_a_plugin_registers_a_checkpoint_format_and_duplicates_name_both_provide
         format_for_config({"model_type": "gpt2"}, registry=registry)
     with pytest.raises(optkit.OptkitError, match="CheckpointFormat"):
         registry.register_format({"model_type": "x"})
+
+
+def test_capabilities_a_kernel_does_not_declare_are_refused_where_they_matter():
+    from optkit.testing import fresh_registry
+
+    registry = fresh_registry()
+    eager = registry.get("attention", "eager")
+    registry.register("attention", "bare", eager.factory,
+                      capabilities=optkit.Capabilities(padding=False, kv_cache=False, backward=False, dropout=False))
+    model = optkit.build("opt-tiny", attention="bare", registry=registry).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        model(ids)  # plain prefill: nothing it lacks is needed
+        with pytest.raises(optkit.BackendUnavailableError, match="does not support padding.*can: eager"):
+            model(ids, attention_mask=torch.tensor([[0, 1, 1]]))
+        with pytest.raises(optkit.BackendUnavailableError, match="does not support kv_cache"):
+            model(ids, use_cache=True)
+    model.train()
+    with pytest.raises(optkit.BackendUnavailableError, match="does not support backward"):
+        model(ids)
+    optkit.set_backend(model, attention="eager")
+    model(ids).logits.sum().backward()  # the swap brings the capabilities with it
