@@ -305,14 +305,14 @@ class Model(nn.Module):
         caps = self.registry.get("attention", name).capabilities
         needs: dict[str, str] = {}
         if not caps.kv_cache and cached:
-            needs["kv_cache"] = "this call uses a KV cache (past_key_values / use_cache=True)"
+            needs["kv_cache"] = "this call needs: it uses a KV cache (past_key_values / use_cache=True)"
         if not caps.padding and attention_mask is not None and not bool(attention_mask.all()):
-            needs["padding"] = "attention_mask marks padding"
+            needs["padding"] = "this call needs: its attention_mask has padded positions"
         if self.training and torch.is_grad_enabled():
             if not caps.backward:
-                needs["backward"] = "the model is in training mode with gradients on"
+                needs["backward"] = "training needs: the model is in training mode with gradients on"
             if not caps.dropout and self.spec.decoder.attention_dropout > 0:
-                needs["dropout"] = f"decoder.attention_dropout={self.spec.decoder.attention_dropout} applies in training"
+                needs["dropout"] = f"training needs: decoder.attention_dropout={self.spec.decoder.attention_dropout}"
         if needs:
             self.registry.require_capabilities("attention", name, needs)
 
