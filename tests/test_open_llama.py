@@ -633,7 +633,7 @@ def tiny_eager() -> optkit.Model:
     return model
 
 
-def with_backend(model: optkit.Model, attention: Any, registry: Any = None) -> optkit.Model:
+def with_backend(model: optkit.Model, attention: Any, registry: optkit.Registry | None = None) -> optkit.Model:
     return optkit.set_backend(copy.deepcopy(model), attention=attention, registry=registry)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 import optkit
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
-from optkit.registration import Capabilities
+from optkit.registration import Capabilities, Registry
 
 from . import library
 from .library import FlashBackend, Implementation, check_head_dim
@@ -104,6 +104,6 @@ def check(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 @optkit.hookimpl
-def optkit_register(registry: Any) -> None:
+def optkit_register(registry: Registry) -> None:
     registry.register("attention", "flash", flash, params=FlashParams, capabilities=CAPABILITIES, check=check,
                       description="flash-attn 2 / FlashAttention-4: fp16/bf16 on CUDA, varlen for padding")

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import optkit
-from optkit.registration import ALL_DTYPES, Capabilities
+from optkit.registration import ALL_DTYPES, Capabilities, Registry
 
 OPTKIT_PLUGIN_API = 1
 INSTALL_HINT = "install it with `pip install 'optkit[int8]'`"
@@ -108,6 +108,6 @@ def check(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 @optkit.hookimpl
-def optkit_register(registry: Any) -> None:
+def optkit_register(registry: Registry) -> None:
     registry.register("linear", "int8", int8, params=Int8LinearParams, capabilities=CAPABILITIES, check=check,
                       description="bitsandbytes LLM.int8 projections (q/k/v/out, fc1/fc2, project_in/out)")

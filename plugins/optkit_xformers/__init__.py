@@ -32,7 +32,7 @@ from torch import Tensor
 import optkit
 from optkit.errors import BackendUnavailableError
 from optkit.interfaces import AttentionKernel, AttentionMask, AttentionResult
-from optkit.registration import Capabilities
+from optkit.registration import Capabilities, Registry
 from optkit_flash.library import cuda_reasons
 from optkit_flash.varlen import Segments, VarlenPlan, plan_for, run_plan, visible_key_len
 
@@ -193,7 +193,7 @@ def check(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 @optkit.hookimpl
-def optkit_register(registry: Any) -> None:
+def optkit_register(registry: Registry) -> None:
     registry.register("attention", "xformers", xformers, capabilities=CAPABILITIES, check=check,
                       description="xformers memory_efficient_attention: fp16/bf16 on CUDA, block-diagonal "
                                   "biases for padding")
