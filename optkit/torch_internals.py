@@ -75,13 +75,16 @@ def inductor_decompositions() -> dict[Any, Any]:
     return dict(select_decomp_table())
 
 
-def inductor_compile(graph: torch.fx.GraphModule, example_inputs: Any, *, decompositions: dict[Any, Any],
+def inductor_compile(graph: torch.fx.GraphModule, example_inputs: Any, *, decompositions: dict[Any, Any] | None,
                      config_patches: dict[str, Any]) -> Callable[..., Any]:
-    """Inductor with extra decompositions; without ``compile_fx``, the graph as it is (eager)."""
+    """Inductor with a whole decomposition table of our own (None: inductor's default); without ``compile_fx``,
+    the graph as it is (eager)."""
     if not available("inductor_compile_fx"):
         return graph.forward
     from torch._inductor.compile_fx import compile_fx
 
+    if decompositions is None:
+        return compile_fx(graph, example_inputs, config_patches=config_patches)
     return compile_fx(graph, example_inputs, decompositions=decompositions, config_patches=config_patches)
 
 

@@ -43,12 +43,14 @@ def inductor_with_gemv(graph: torch.fx.GraphModule, example_inputs):
     reduction tuned to the bandwidth limit, where cuBLAS's GEMV stays far below it;
     :func:`_addmm_one_row` does the same for the biased projections, which it leaves alone.
     """
+    patches = {"coordinate_descent_tuning": True}
+    if not torch_internals.available("inductor_decompositions"):  # inductor's own table only: plain products
+        return torch_internals.inductor_compile(graph, example_inputs, decompositions=None, config_patches=patches)
     table = torch_internals.inductor_decompositions()
     table[torch.ops.aten.addmm.default] = _addmm_one_row(table.get(torch.ops.aten.addmm.default))
     table[torch.ops.aten.mm.default] = _mm_one_row(table.get(torch.ops.aten.mm.default))
     table[torch.ops.aten.bmm.default] = _bmm_one_row(table.get(torch.ops.aten.bmm.default))
-    return torch_internals.inductor_compile(graph, example_inputs, decompositions=table,
-                                            config_patches={"coordinate_descent_tuning": True})
+    return torch_internals.inductor_compile(graph, example_inputs, decompositions=table, config_patches=patches)
 
 
 def _once(rows: Tensor) -> Tensor:
