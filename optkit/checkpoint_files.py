@@ -168,9 +168,14 @@ def interrupted_hint(directory: Path) -> str:
             f"the earlier checkpoint it had moved are in {leftovers[0]}/previous): save the checkpoint again")
 
 
-def read_weights(weights: Weights, *, progress: bool = False) -> dict[str, Tensor]:
-    """Every tensor of the weight files, each stored exactly once and where the index says."""
-    state: dict[str, Tensor] = {}
+def index_weights(weights: Weights, *, progress: bool = False) -> dict[str, Tensor | StoredTensor]:
+    """Every tensor of the weight files, each stored exactly once and where the index says.
+
+    Safetensors files are read by their headers only: each tensor is a :class:`StoredTensor` that
+    :func:`read_tensors` reads later, a unit at a time, so no copy of the whole checkpoint is ever in memory.
+    ``.bin`` files are loaded whole (``torch.load(mmap=True, weights_only=True)``): their tensors are real.
+    """
+    state: dict[str, Tensor | StoredTensor] = {}
     origin: dict[str, str] = {}
     for number, name in enumerate(weights.names, 1):
         file = weights.directory / name
@@ -178,7 +183,7 @@ def read_weights(weights: Weights, *, progress: bool = False) -> dict[str, Tenso
             end = "\n" if number == len(weights.names) else ""
             print(f"\roptkit: reading weights {number}/{len(weights.names)} ({name})", end=end, file=sys.stderr,
                   flush=True)
-        tensors = read_safetensors(file) if file.suffix == ".safetensors" else read_pickle(file)
+        tensors = scan_safetensors(file) if file.suffix == ".safetensors" else read_pickle(file)
         for key, tensor in tensors.items():
             if key in origin:
                 raise CheckpointError(f"tensor {quoted(key)} is stored twice, in {origin[key]} and in {name} (in "
@@ -188,6 +193,13 @@ def read_weights(weights: Weights, *, progress: bool = False) -> dict[str, Tenso
     if weights.weight_map is not None:
         _check_index(weights, origin)
     return state
+
+
+def read_weights(weights: Weights, *, progress: bool = False) -> dict[str, Tensor]:
+    """Every tensor of the weight files in memory (:func:`index_weights`, then each one read)."""
+    state = index_weights(weights, progress=progress)
+    read = read_tensors({key: t for key, t in state.items() if isinstance(t, StoredTensor)})
+    return {key: read.get(key, tensor) for key, tensor in state.items()}
 
 
 def _check_index(weights: Weights, origin: dict[str, str]) -> None:
@@ -204,6 +216,91 @@ def _check_index(weights: Weights, origin: dict[str, str]) -> None:
                               + ". The shards come from different saves: save or download the checkpoint again")
 
 
+# safetensors' dtype names (the header's "dtype" field) -> torch dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file, known by its shape and dtype until :func:`read_tensors` reads it."""
+
+    file: Path
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def _unreadable(file: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{file} is not a readable safetensors file ({_cause(exc)}); it is truncated or "
+                           "corrupt: download or save it again")
+
+
+def scan_safetensors(file: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file from its header (validated by ``safe_open``); no data is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            found = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                found[key] = (part.get_shape(), part.get_dtype())
+                del part
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends, whatever the damage
+        raise _unreadable(file, exc) from None
+    unknown = next(((key, kind) for key, (_, kind) in found.items() if kind not in SAFETENSORS_DTYPES), None)
+    if unknown is not None:
+        raise CheckpointError(f"{file}: tensor {quoted(unknown[0])} has dtype {quoted(unknown[1])}, which optkit "
+                              f"does not read ({', '.join(SAFETENSORS_DTYPES)}); convert the checkpoint")
+    return {key: StoredTensor(file, key, torch.Size(shape), SAFETENSORS_DTYPES[kind])
+            for key, (shape, kind) in found.items()}
+
+
+def read_tensors(stored: dict[str, StoredTensor], *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The ``stored`` tensors (name -> StoredTensor) on ``device``, floating point ones in ``dtype`` (default:
+    the file's), each file opened once for them all.
+
+    ``safe_open`` maps the file and ``get_tensor`` returns a view of the mapping: a tensor wanted on the CPU
+    in its file's dtype stays that view (no copy; the mapping lives as long as such a tensor does), any
+    other is copied straight into a new tensor on ``device`` in ``dtype``, and the view dropped at once. A
+    loader calling this for one unit at a time holds about one unit in memory.
+    """
+    from safetensors import safe_open
+
+    device = torch.device(device)
+    by_file: dict[Path, list[str]] = {}
+    for name, tensor in stored.items():
+        by_file.setdefault(tensor.file, []).append(name)
+    result: dict[str, Tensor] = {}
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in names:
+                    view = handle.get_tensor(stored[name].key)
+                    wanted = dtype if dtype is not None and view.is_floating_point() else view.dtype
+                    if device.type == "cpu" and wanted == view.dtype:
+                        result[name] = view
+                    else:
+                        result[name] = torch.empty(view.shape, dtype=wanted, device=device).copy_(view)
+                    del view
+        except Exception as exc:  # noqa: BLE001 - the file changed or broke since its header was read
+            raise _unreadable(file, exc) from None
+    return result
+
+
+def read_tensor(stored: StoredTensor, *, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> Tensor:
+    """One stored tensor (see :func:`read_tensors`)."""
+    return read_tensors({stored.key: stored}, device=device, dtype=dtype)[stored.key]
+
+
 def read_safetensors(file: Path) -> dict[str, Tensor]:
     """All tensors of one safetensors file; a damaged file is named, never a bare SafetensorError."""
     from safetensors import safe_open
@@ -212,8 +309,7 @@ def read_safetensors(file: Path) -> dict[str, Tensor]:
         with safe_open(str(file), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # noqa: BLE001 - SafetensorError and friends, whatever the damage
-        raise CheckpointError(f"{file} is not a readable safetensors file ({_cause(exc)}); it is truncated or "
-                              "corrupt: download or save it again") from None
+        raise _unreadable(file, exc) from None
 
 
 def read_pickle(file: Path) -> dict[str, Tensor]:

@@ -22,7 +22,7 @@ from torch import Tensor
 from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENSORS,  # noqa: F401 - re-exported
                                      SAFETENSORS_INDEX, Weights, capped, find_weights, quoted, read_weights,
                                      write_checkpoint, Writer)
-from optkit.errors import CheckpointError, CheckpointNotFoundError, SpecValidationError
+from optkit.errors import CheckpointError, CheckpointNotFoundError, InputError, SpecValidationError
 from optkit.formats import CheckpointFormat, format_for_config, format_for_spec
 from optkit.spec import ModelSpec
 
@@ -30,6 +30,7 @@ from optkit.spec import ModelSpec
 AUTO_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Keys that real checkpoints carry and no model needs (fairseq leftovers, rotary buffers).
 IGNORED_KEYS = re.compile(r"(^|\.)(version|_float_tensor|inv_freq)$")
+SHOWN_UNITS = 5  # streamed units named in save_pretrained's refusal
 
 
 # -- config.json <-> ModelSpec, key names (per family, see optkit.formats) ----------------------
@@ -176,8 +177,10 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     config = fmt.config_from_spec(model.spec, model.dtype)
     base = model.spec.head.name == "base"
     tied = model.head.tied
+    state = model.state_dict()
+    _refuse_meta(model, state)
     tensors = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state.items():
         if tied and key == "head.weight":
             continue
         tensors[hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)] = _standalone(tensor)
@@ -201,6 +204,23 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     files[CONFIG_NAME] = lambda path: path.write_text(json.dumps(config, indent=2) + "\n")
     write_checkpoint(directory, files)
     return directory
+
+
+def _refuse_meta(model: Any, state: dict[str, Tensor]) -> None:
+    """A model whose weights are not all in memory (streamed units of a device map, or built on meta) is not saved."""
+    meta = [key for key, tensor in state.items() if tensor.device.type == "meta"]
+    if not meta:
+        return
+    device_map = model.device_map or {}
+    units = [unit for unit in device_map if any(key.startswith(unit + ".") for key in meta)]
+    if units:
+        where = ", ".join(f"{unit} ({device_map[unit]!r})" for unit in units[:SHOWN_UNITS])
+        raise InputError(f"save_pretrained cannot save this model: its device map streams {len(units)} unit(s) from "
+                         f"cpu or disk ({where}{' ...' if len(units) > SHOWN_UNITS else ''}), whose weights are not in "
+                         "memory; load the checkpoint again without device_map (or with every unit on a device) "
+                         "to save it")
+    raise InputError(f"save_pretrained cannot save this model: {len(meta)} tensor(s) are on the meta device (e.g. "
+                     f"{capped(meta[0])}) and have no values; load or assign the weights before saving")
 
 
 def _write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:

@@ -11,15 +11,16 @@ import os
 import re
 import sys
 import warnings
-from typing import Any
+from typing import Any, Mapping, Union
 
 import torch
 from torch import Tensor
 
 from optkit.builder import build, build_head
-from optkit.checkpoint_files import find_weights, interrupted_hint, locked, read_json
-from optkit.checkpoints import (CONFIG_NAME, _file_namer, _to_canonical, config_dtype, read_state_dict,
-                                resolve_checkpoint_dir, spec_from_hf_config)
+from optkit.checkpoint_files import (StoredTensor, find_weights, index_weights, interrupted_hint, locked,
+                                     read_json, read_tensors)
+from optkit.checkpoints import (CONFIG_NAME, _file_namer, _to_canonical, config_dtype, resolve_checkpoint_dir,
+                                spec_from_hf_config)
 from optkit.errors import CheckpointError, InputError
 from optkit.formats import format_for_spec
 from optkit.inference.transform import prepare
@@ -28,9 +29,26 @@ from optkit.placement import dispatch
 from optkit.spec import ModelSpec
 
 
-def load_weights(model: Model, raw: dict[str, Tensor], *, device: torch.device, dtype: torch.dtype,
+Source = Union[Tensor, StoredTensor]  # a tensor in memory, or one still in its safetensors file
+
+
+def load_weights(model: Model, raw: Mapping[str, Source], *, device: torch.device, dtype: torch.dtype,
                  source: str) -> None:
-    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file."""
+    """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file.
+
+    Each tensor is read (or converted) on its own, straight to ``device`` and ``dtype``: one decoder layer
+    is placed at a time, so int8 linears quantize as they land and no second copy of the model exists.
+    """
+    state = _checked_state(model, raw, device=device, dtype=dtype, source=source)
+    for group in _by_layer(state):
+        model.load_state_dict(_place(group, device, dtype), strict=False, assign=True)
+    model.tie_weights()
+
+
+def _checked_state(model: Model, raw: Mapping[str, Source], *, device: torch.device, dtype: torch.dtype,
+                   source: str) -> dict[str, Source]:
+    """optkit key -> checkpoint tensor for every tensor the model needs, checked by name, shape and dtype
+    (from the headers: nothing is read), with a fresh head where the checkpoint has none."""
     fmt = format_for_spec(model.spec, registry=model.registry)
     state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
     name = _file_namer(fmt, model, raw, names)
@@ -60,32 +78,52 @@ def load_weights(model: Model, raw: dict[str, Tensor], *, device: torch.device, 
         state.update(_fresh_head_state(model, device, dtype))
         warnings.warn(f"{source} has no weights for the {model.spec.head.name} head "
                       f"({', '.join(head_missing)}): they are newly initialized; train them before use",
-                      stacklevel=3)
-    # One decoder layer on the device at a time: int8 linears quantize as they land, so no full copy exists.
-    for group in _by_layer(state):
-        model.load_state_dict({k: _place(t, device, dtype) for k, t in group.items()}, strict=False, assign=True)
-    model.tie_weights()
+                      stacklevel=4)
+    return state
 
 
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _by_layer(state: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+def _by_layer(state: dict[str, Source]) -> list[dict[str, Source]]:
     """Checkpoint tensors grouped per decoder layer (everything else in one group)."""
-    groups: dict[str, dict[str, Tensor]] = {}
+    groups: dict[str, dict[str, Source]] = {}
     for key, tensor in state.items():
         match = _LAYER_KEY.match(key)
         groups.setdefault(match[1] if match else "", {})[key] = tensor
     return list(groups.values())
 
 
-def _place(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+def _place(group: dict[str, Source], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The tensors of ``group`` on ``device``, floating point ones in ``dtype``: read from their files, or moved."""
+    placed = read_tensors({k: t for k, t in group.items() if isinstance(t, StoredTensor)}, device=device, dtype=dtype)
+    for key, tensor in group.items():
+        if isinstance(tensor, Tensor):
+            placed[key] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+    return placed
 
 
 def _fresh_head_state(model: Model, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
     head = build_head(model, device, dtype)
     return {f"head.{k}": v.to(dtype) for k, v in head.state_dict().items()}
+
+
+def _load_dispatched(model: Model, raw: Mapping[str, Source], *, source: str, dtype: torch.dtype, device_map: Any,
+                     max_memory: dict[Any, Any] | None, offload_folder: str | os.PathLike | None) -> Model:
+    """A model built on "meta", loaded unit by unit straight where ``device_map`` puts it.
+
+    ``dispatch`` asks for each unit's weights in forward order on the device they land on (the unit's
+    own, or the CPU for a streamed unit, which it then writes to the offload folder or keeps): host
+    memory holds one unit at a time, never the model.
+    """
+    state = _checked_state(model, raw, device=torch.device("cpu"), dtype=dtype, source=source)
+
+    def load_unit(unit: str, device: torch.device) -> None:
+        group = {k: state.pop(k) for k in [k for k in state if k.startswith(unit + ".")]}
+        model.load_state_dict(_place(group, device, dtype), strict=False, assign=True)
+        model.tie_weights()
+
+    return dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder, load_unit=load_unit)
 
 
 def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", attention: Any = None,
@@ -99,12 +137,19 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
     checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
     ``device_map`` ("auto", "balanced", "sequential" or {module prefix: device}) with ``max_memory`` and
-    ``offload_folder`` spreads the loaded model over devices, CPU and disk (see docs/big-models.md); the
-    weights are loaded on ``device`` (default CPU) first.
+    ``offload_folder`` spreads the model over devices, CPU and disk (see docs/big-models.md).
+
+    Nothing is read twice or all at once: the model is built on "meta" and each safetensors tensor is read
+    from its shard into its final device and dtype. With a ``device_map`` each unit is loaded straight where
+    the map puts it (disk units go to the offload folder's files), so host memory holds about one unit.
+    ``.bin`` checkpoints are loaded whole first (memory-mapped), then placed the same way.
     """
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise InputError("max_memory and offload_folder place a model only with device_map=...; "
+                         "pass device_map='auto' (or a map)")
     directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
     config_path = directory / CONFIG_NAME
-    with locked(directory, shared=True):  # a save into this directory waits, so config and weights match
+    with locked(directory, shared=True):  # a save into this directory waits until every tensor is read
         if not config_path.is_file():
             raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one"
                                   + interrupted_hint(directory))
@@ -112,15 +157,16 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
         spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
         if dtype == "auto":
             dtype = config_dtype(config, source=str(config_path))
-        raw = read_state_dict(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
-    model = _assemble(spec, raw, source=str(path_or_id), attention=attention, linear=linear, kv_cache=kv_cache,
-                      dtype=dtype or torch.float32, device=torch.device(device or "cpu"))
-    if device_map is None:
-        if max_memory is not None or offload_folder is not None:
-            raise InputError("max_memory and offload_folder place a model only with device_map=...; "
-                             "pass device_map='auto' (or a map)")
-        return model
-    return dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+        raw = index_weights(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
+        model = _meta_model(spec, attention=attention, linear=linear, kv_cache=kv_cache, dtype=dtype or torch.float32,
+                            device=torch.device(device or "cpu"))
+        if device_map is None:
+            load_weights(model, raw, device=torch.device(device or "cpu"), dtype=model.dtype, source=str(path_or_id))
+            return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
+        # q/k/v are stacked where it pays once each resident unit has landed (dispatch does it); streamed ones never
+        prepare(model.eval(), stack_projections=False)
+        return _load_dispatched(model, raw, source=str(path_or_id), dtype=model.dtype, device_map=device_map,
+                                max_memory=max_memory, offload_folder=offload_folder)
 
 
 def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,
@@ -135,14 +181,15 @@ def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any 
     name = type(hf_model).__name__
     spec = spec_from_hf_config(hf_model.config.to_dict(), head=head, num_labels=num_labels, source=f"{name}.config")
     parameter = next(hf_model.parameters())
-    return _assemble(spec, hf_model.state_dict(), source=name, attention=attention, linear=linear,
-                     kv_cache=kv_cache, dtype=dtype or parameter.dtype, device=torch.device(device or parameter.device))
+    device = torch.device(device or parameter.device)
+    model = _meta_model(spec, attention=attention, linear=linear, kv_cache=kv_cache,
+                        dtype=dtype or parameter.dtype, device=device)
+    load_weights(model, hf_model.state_dict(), device=device, dtype=model.dtype, source=name)
+    return prepare(model.eval())
 
 
-def _assemble(spec: ModelSpec, raw: dict[str, Tensor], *, source: str, attention: Any, linear: Any, kv_cache: Any,
-              dtype: torch.dtype, device: torch.device) -> Model:
-    """Model built on "meta" with the chosen components, then the checkpoint's tensors put in place."""
+def _meta_model(spec: ModelSpec, *, attention: Any, linear: Any, kv_cache: Any, dtype: torch.dtype,
+                device: torch.device) -> Model:
+    """The model built on "meta" with the chosen components, for ``device``; the checkpoint fills it."""
     spec = spec.with_components(attention=attention, linear=linear, kv_cache=kv_cache)
-    model = build(spec, dtype=dtype, device="meta", target_device=device)
-    load_weights(model, raw, device=device, dtype=dtype, source=source)
-    return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
+    return build(spec, dtype=dtype, device="meta", target_device=device)

@@ -330,9 +330,13 @@ class Model(nn.Module):
         ctx = BuildContext(spec=self.spec, registry=self.registry, device=self.device, dtype=self.dtype)
         factory: KVCacheFactory = ctx.create("kv_cache", ref)
         heads = self.decoder.layers[0].kv_heads if len(self.decoder.layers) else d.num_heads
+        where: dict[str, Any] = {}
+        if self.placement is not None:  # a dispatched model: each layer's cache where that layer computes
+            where["layer_devices"] = [self.placement.compute_devices.get(f"decoder.layers.{i}", self.device)
+                                      for i in range(d.num_layers)]
         return factory(batch_size=batch_size, max_length=max_length, max_positions=d.max_positions,
                        num_layers=d.num_layers, num_heads=heads, head_dim=d.head_dim, dtype=self.dtype,
-                       device=self.device)
+                       device=self.device, **where)
 
     def forward(self, input_ids: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, position_ids: Tensor | None = None,

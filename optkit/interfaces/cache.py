@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -61,9 +62,14 @@ class KVCache(ABC):
 
 
 class KVCacheFactory(Protocol):
-    """What a ``kv_cache`` registration builds: a recipe for fresh caches."""
+    """What a ``kv_cache`` registration builds: a recipe for fresh caches.
+
+    ``layer_devices`` (one per layer) is where each layer computes when a device map spreads the model
+    (``Model.new_cache`` passes it for a dispatched model); a cache keeps each layer's keys and values
+    there. None: every layer on ``device``.
+    """
 
     def __call__(
         self, *, batch_size: int, max_length: int | None, max_positions: int, num_layers: int, num_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, layer_devices: Sequence[torch.device] | None = None,
     ) -> KVCache: ...

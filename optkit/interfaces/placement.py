@@ -25,6 +25,7 @@ class Placement:
     device_map: dict[str, Any]
     input_device: torch.device
     hooks: list[Any] = field(default_factory=list)
+    compute_devices: dict[str, torch.device] = field(default_factory=dict)  # unit -> where it computes
 
     @property
     def single_device(self) -> bool:

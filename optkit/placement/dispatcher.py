@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -135,15 +135,15 @@ def _host_copy(tensor: Tensor, pin: bool) -> Tensor:
     return host.pin_memory() if pin else host
 
 
-def _write_unit(unit: Unit, folder: Path, written: dict[int, tuple[Path, str]]) -> dict[int, tuple[Path, str]]:
-    """Write the tensors of ``unit`` not written yet (tied ones are written once) to its safetensors file."""
+def _write_unit(unit: Unit, folder: Path, skip: set[int]) -> dict[int, tuple[Path, str]]:
+    """Write the tensors of ``unit`` (each once; not those in ``skip``) to its safetensors file; where each is."""
     path = folder / f"{unit.name}{OFFLOAD_SUFFIX}"
     names = {module: name for name, module in unit.module.named_modules()}
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     located: dict[int, tuple[Path, str]] = {}
     for owner, attribute, tensor in unit_tensors(unit.module):
-        if id(tensor) in written or id(tensor) in located:
+        if id(tensor) in skip or id(tensor) in located:
             continue
         key = f"{names[owner]}.{attribute}" if names[owner] else attribute
         data = tensor.detach().to("cpu").contiguous()
@@ -158,10 +158,11 @@ def _write_unit(unit: Unit, folder: Path, written: dict[int, tuple[Path, str]]) 
     return located
 
 
-def _check_weights_present(units: list[Unit]) -> None:
+def _check_weights_present(units: list[Unit], known: Mapping[int, Any] | None = None) -> None:
+    """Every tensor of ``units`` has its weights (meta ones are refused, except ``known`` placeholders)."""
     for unit in units:
         for owner, attribute, tensor in unit_tensors(unit.module):
-            if tensor.device.type == "meta":
+            if tensor.device.type == "meta" and id(tensor) not in (known or {}):
                 raise InputError(f"'{unit.name}' has meta tensors (e.g. {attribute} of {type(owner).__name__}): "
                                  "the model has no weights yet; load the checkpoint before dispatching it")
 
@@ -177,11 +178,16 @@ def _resolve(model: Model, device_map: Plan | Mapping[str, Any] | str, groups: l
 
 
 def dispatch(model: Model, device_map: Plan | Mapping[str, Any] | str, *, offload_folder: str | Path | None = None,
-             compute_device: Any = None, max_memory: dict[Any, Any] | None = None) -> Model:
+             compute_device: Any = None, max_memory: dict[Any, Any] | None = None,
+             load_unit: Callable[[str, torch.device], None] | None = None) -> Model:
     """Place ``model``'s units as ``device_map`` says (a dict, a :class:`Plan`, or a strategy planned with
     ``max_memory``) and hook streamed ones; returns the same model, with ``model.device_map`` set.
 
     ``compute_device``: where streamed units compute (default: the first accelerator in the map, else cpu).
+    ``load_unit(name, device)``: for a model built on "meta", puts unit ``name``'s weights on ``device``
+    just before the unit is placed, in forward order (its own device; the cpu for a streamed unit, which
+    is then written to the offload folder or kept). ``optkit.loading`` reads a checkpoint this way, one unit
+    at a time; resident units then get stacked q/k/v where that pays (as ``optkit.inference.prepare``).
     """
     if is_dispatched(model):
         raise InputError("this model is already dispatched (model.device_map is set); build or load it again "
@@ -203,75 +209,96 @@ def dispatch(model: Model, device_map: Plan | Mapping[str, Any] | str, *, offloa
         if problem is not None:
             raise InputError(f"'{unit.name}' cannot be streamed from {resolved[unit.name]!r}: {problem}; "
                              "place it on the compute device instead")
-    _check_weights_present(units)
+    if load_unit is None:
+        _check_weights_present(units)
     folder = _check_offload_folder(offload_folder, [u.name for u in units if resolved[u.name] == "disk"])
 
     compute_torch = torch_device(compute)
-    streams = _place(model, units, resolved, set(u.name for u in streamed), compute_torch, folder)
+    streams = _place(model, units, resolved, set(u.name for u in streamed), compute_torch, folder, load_unit)
     first = units[0]  # the input units (or whatever runs first) decide where inputs go
     input_device = compute_torch if first.name in streams else torch_device(resolved[first.name])
     handles = _hook(model, units, resolved, streams, compute_torch, input_device)
     if model.inference_session is not None:
         model.inference_session.clear()  # kept graphs captured the old placement
+    computes = {unit.name: compute_torch if unit.name in streams else torch_device(resolved[unit.name])
+                for unit in units}
     model.placement = Placement(device_map={unit.name: resolved[unit.name] for unit in units},
-                                input_device=input_device, hooks=handles)
+                                input_device=input_device, hooks=handles, compute_devices=computes)
     return model
 
 
 def _place(model: Model, units: list[Unit], resolved: Mapping[str, Device], streamed: set[str],
-           compute: torch.device, folder: Path | None) -> dict[str, _Stream]:
-    """Move resident units; write / keep streamed ones and swap in meta tensors. Returns their streams."""
-    written: dict[int, tuple[Path, str]] = {}
-    hosts: dict[int, Tensor] = {}
+           compute: torch.device, folder: Path | None,
+           load_unit: Callable[[str, torch.device], None] | None) -> dict[str, _Stream]:
+    """Unit by unit in forward order: load it (when ``load_unit``), move a resident unit to its device, or
+    write / keep a streamed one and swap in meta tensors at once (so its memory is freed before the next
+    unit loads). Returns the streams of the streamed units."""
     streams: dict[str, _Stream] = {}
-    owners_of: dict[int, list[tuple[nn.Module, str, bool]]] = {}
-    for owner in model.modules():
-        for name, p in owner._parameters.items():
-            if p is not None:
-                owners_of.setdefault(id(p), []).append((owner, name, True))
-        for name, b in owner._buffers.items():
-            if b is not None:
-                owners_of.setdefault(id(b), []).append((owner, name, False))
-    placeholders: dict[int, Tensor] = {}
+    slot_of: dict[int, _Slot] = {}  # id(placeholder) -> its slot: a tensor shared with an earlier streamed unit
     for unit in units:
         device = resolved[unit.name]
+        if load_unit is not None:
+            load_unit(unit.name, torch.device("cpu") if unit.name in streamed else torch_device(device))
+            _check_weights_present([unit], known=slot_of)
         if unit.name not in streamed:
             unit.module.to(torch_device(device))
+            if load_unit is not None:
+                _stack_where_it_pays(unit)
             continue
-        if device == "disk":
-            written.update(_write_unit(unit, folder, written))
-        stream = streams[unit.name] = _Stream(compute)
-        for _, _, tensor in unit_tensors(unit.module):
-            if id(tensor) in placeholders:
-                if all(slot.placeholder is not placeholders[id(tensor)] for slot in stream.slots):
-                    stream.slots.append(_slot_for(tensor, placeholders[id(tensor)], owners_of, written, hosts))
-                continue
-            holders = owners_of[id(tensor)]
-            placeholder = torch.empty_like(tensor, device="meta")
-            if holders[0][2]:
-                placeholder = nn.Parameter(placeholder, requires_grad=False)
-            if device != "disk":
-                hosts[id(tensor)] = _host_copy(tensor, pin=compute.type == "cuda")
-            placeholders[id(tensor)] = placeholder
-            stream.slots.append(_slot_for(tensor, placeholder, owners_of, written, hosts))
-    for unit in units:  # now swap: every holder of a streamed tensor gets its meta placeholder
-        if unit.name in streams:
-            streams[unit.name].release()
-            for module in unit.module.modules():
-                if isinstance(module, PreparedAttention):
-                    _ = module.stacked  # notices q/k/v left the stacked buffer and drops it (frees its memory)
+        streams[unit.name] = _stream_unit(model, unit, device, compute, folder, slot_of)
     return streams
 
 
-def _slot_for(tensor: Tensor, placeholder: Tensor, owners_of: Mapping[int, list[tuple[nn.Module, str, bool]]],
-              written: Mapping[int, tuple[Path, str]], hosts: Mapping[int, Tensor]) -> _Slot:
-    holders = owners_of[id(tensor)]
-    slot = _Slot(owners=[(m, n) for m, n, _ in holders], is_parameter=holders[0][2], placeholder=placeholder)
-    if id(tensor) in written:
-        slot.file, slot.key = written[id(tensor)]
-    else:
-        slot.host = hosts[id(tensor)]
-    return slot
+def _stack_where_it_pays(unit: Unit) -> None:
+    for module in unit.module.modules():
+        if isinstance(module, PreparedAttention):
+            module.stack_projections()
+
+
+def _stream_unit(model: Model, unit: Unit, device: Device, compute: torch.device, folder: Path | None,
+                 slot_of: dict[int, _Slot]) -> _Stream:
+    """The unit's tensors written to its file ("disk") or kept in host memory, every holder (also in other
+    units: a tied head) given a meta placeholder; the stream that brings them back per forward."""
+    stream = _Stream(compute)
+    fresh: dict[int, Tensor] = {}
+    for _, _, tensor in unit_tensors(unit.module):
+        if id(tensor) in slot_of:
+            if slot_of[id(tensor)] not in stream.slots:
+                stream.slots.append(slot_of[id(tensor)])
+        else:
+            fresh.setdefault(id(tensor), tensor)
+    located = _write_unit(unit, folder, skip=set(slot_of)) if device == "disk" else {}
+    owners_of = _owners(model, set(fresh))
+    for key, tensor in fresh.items():
+        holders = owners_of[key]
+        placeholder = torch.empty_like(tensor, device="meta")
+        if holders[0][2]:
+            placeholder = nn.Parameter(placeholder, requires_grad=False)
+        slot = _Slot(owners=[(m, n) for m, n, _ in holders], is_parameter=holders[0][2], placeholder=placeholder)
+        if device == "disk":
+            slot.file, slot.key = located[key]
+        else:
+            slot.host = _host_copy(tensor, pin=compute.type == "cuda")
+        stream.slots.append(slot)
+        slot_of[id(placeholder)] = slot
+    stream.release()
+    for module in unit.module.modules():
+        if isinstance(module, PreparedAttention):
+            _ = module.stacked  # notices q/k/v left the stacked buffer and drops it (frees its memory)
+    return stream
+
+
+def _owners(model: Model, ids: set[int]) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """(module, attribute, is_parameter) of every holder of the tensors in ``ids``, anywhere in the model."""
+    owners: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for owner in model.modules():
+        for name, p in owner._parameters.items():
+            if p is not None and id(p) in ids:
+                owners.setdefault(id(p), []).append((owner, name, True))
+        for name, b in owner._buffers.items():
+            if b is not None and id(b) in ids:
+                owners.setdefault(id(b), []).append((owner, name, False))
+    return owners
 
 
 def _hook(model: Model, units: list[Unit], resolved: Mapping[str, Device], streams: Mapping[str, _Stream],

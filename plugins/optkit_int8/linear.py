@@ -35,7 +35,13 @@ from torch import Tensor, nn
 
 
 class Int8Linear(Linear8bitLt):
-    """LLM.int8 projection with frozen int8 weights (``has_fp16_weights=False``) and outlier threshold."""
+    """LLM.int8 projection with frozen int8 weights (``has_fp16_weights=False``) and outlier threshold.
+
+    ``offloadable = False`` (``optkit.interfaces.Offloadable``): its weight changes form (quantizes) on the
+    device it lands on, so a device map may place it on any one device but never stream it from CPU or disk.
+    """
+
+    offloadable = False
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, threshold: float) -> None:
         super().__init__(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=threshold)

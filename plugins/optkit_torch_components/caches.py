@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -11,11 +13,16 @@ from optkit.interfaces import KVCache
 
 
 class DynamicCache(KVCache):
-    """Concatenates new keys/values per layer; memory grows with the sequence."""
+    """Concatenates new keys/values per layer; memory grows with the sequence.
 
-    def __init__(self, num_layers: int):
+    With ``layer_devices`` each layer's keys and values are kept on its device (where the layer computes,
+    so normally they arrive there already).
+    """
+
+    def __init__(self, num_layers: int, layer_devices: Sequence[torch.device] | None = None):
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        self.layer_devices = list(layer_devices) if layer_devices is not None else None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         keys = self.keys[layer_idx]
@@ -25,6 +32,8 @@ class DynamicCache(KVCache):
         return self.get_seq_length() + new_tokens
 
     def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.layer_devices is not None:
+            key, value = key.to(self.layer_devices[layer_idx]), value.to(self.layer_devices[layer_idx])
         if self.keys[layer_idx] is None:
             self.keys[layer_idx], self.values[layer_idx] = key, value
         else:
@@ -35,7 +44,8 @@ class DynamicCache(KVCache):
     def reorder(self, beam_idx: Tensor) -> None:
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
-                self.keys[i], self.values[i] = k.index_select(0, beam_idx), v.index_select(0, beam_idx)
+                index = beam_idx.to(k.device)
+                self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
 
 
 class StaticCache(KVCache):
@@ -43,14 +53,18 @@ class StaticCache(KVCache):
 
     ``update`` returns views of the written prefix, so attention never reads unwritten slots. When it
     follows a device-side slot (CUDA-graph decoding) it returns all ``max_length`` slots and the
-    caller's mask keeps the unwritten ones out.
+    caller's mask keeps the unwritten ones out. ``layer_devices`` puts each layer's buffers where that
+    layer computes (a model spread over devices); otherwise all are on ``device``.
     """
 
     def __init__(self, *, batch_size: int, max_length: int, num_layers: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, layer_devices: Sequence[torch.device] | None = None):
         shape = (batch_size, num_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = list(layer_devices) if layer_devices is not None else [device] * num_layers
+        if len(devices) != num_layers:
+            raise InputError(f"layer_devices names {len(devices)} device(s) for {num_layers} layers; give one per layer")
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.lengths = [0] * num_layers
         self._max_length = max_length
         self._slot: Tensor | None = None  # device-side write position (CUDA-graph decoding)
@@ -71,6 +85,7 @@ class StaticCache(KVCache):
     def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         if self._slot is not None:  # the caller keeps the position in range (and advances it)
             index = self._slot if key.shape[-2] == 1 else self._slot + torch.arange(key.shape[-2], device=key.device)
+            index = index.to(self.keys[layer_idx].device)
             self.keys[layer_idx].index_copy_(2, index, key)
             self.values[layer_idx].index_copy_(2, index, value)
             return self.keys[layer_idx], self.values[layer_idx]
@@ -88,7 +103,7 @@ class StaticCache(KVCache):
     def reorder(self, beam_idx: Tensor) -> None:
         for buffers in (self.keys, self.values):
             for buffer in buffers:
-                buffer.copy_(buffer.index_select(0, beam_idx))
+                buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
     def reset(self) -> None:
         self.lengths = [0] * len(self.lengths)
@@ -102,8 +117,8 @@ class StaticCacheParams(BaseModel):
 
 
 def dynamic_cache(params, ctx):
-    def make(*, num_layers: int, **_: object) -> DynamicCache:
-        return DynamicCache(num_layers)
+    def make(*, num_layers: int, layer_devices: Sequence[torch.device] | None = None, **_: object) -> DynamicCache:
+        return DynamicCache(num_layers, layer_devices)
 
     return make
 
