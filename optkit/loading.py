@@ -16,6 +16,7 @@ from typing import Any, Mapping, Union
 import torch
 from torch import Tensor
 
+from optkit.adapters import add_adapters_from_options, load_adapters
 from optkit.builder import build, build_head
 from optkit.checkpoint_files import (StoredTensor, find_weights, index_weights, interrupted_hint, locked,
                                      read_json, read_tensors)
@@ -131,7 +132,8 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
                     device: torch.device | str | None = None, num_labels: int | None = None,
                     revision: str | None = None, local_files_only: bool | None = None,
                     progress: bool | None = None, device_map: Any = None, max_memory: dict[Any, Any] | None = None,
-                    offload_folder: str | os.PathLike | None = None) -> Model:
+                    offload_folder: str | os.PathLike | None = None, adapters: dict[str, Any] | None = None,
+                    adapter: str | os.PathLike | None = None) -> Model:
     """Load an OPT checkpoint (directory or Hub id) into an optkit model.
 
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
@@ -143,10 +145,16 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
     from its shard into its final device and dtype. With a ``device_map`` each unit is loaded straight where
     the map puts it (disk units go to the offload folder's files), so host memory holds about one unit.
     ``.bin`` checkpoints are loaded whole first (memory-mapped), then placed the same way.
+
+    ``adapters={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}`` adds fresh LoRA adapters (only
+    they train); ``adapter=DIR`` loads a PEFT adapter directory (see docs/adapters.md).
     """
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise InputError("max_memory and offload_folder place a model only with device_map=...; "
                          "pass device_map='auto' (or a map)")
+    if device_map is not None and (adapters is not None or adapter is not None):
+        raise InputError("adapters with a device_map are not supported yet: load without device_map, or merge the "
+                         "adapter into a checkpoint first (optkit.adapters.merge_and_unload, then save_pretrained)")
     directory = resolve_checkpoint_dir(path_or_id, revision=revision, local_files_only=local_files_only)
     config_path = directory / CONFIG_NAME
     with locked(directory, shared=True):  # a save into this directory waits until every tensor is read
@@ -162,11 +170,19 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
                             device=torch.device(device or "cpu"))
         if device_map is None:
             load_weights(model, raw, device=torch.device(device or "cpu"), dtype=model.dtype, source=str(path_or_id))
-            return prepare(model.eval())  # loaded for inference: the fast path (same weights, same state_dict)
+            return _with_adapters(prepare(model.eval()), adapters, adapter)  # the fast path: same weights and keys
         # q/k/v are stacked where it pays once each resident unit has landed (dispatch does it); streamed ones never
         prepare(model.eval(), stack_projections=False)
         return _load_dispatched(model, raw, source=str(path_or_id), dtype=model.dtype, device_map=device_map,
                                 max_memory=max_memory, offload_folder=offload_folder)
+
+
+def _with_adapters(model: Model, adapters: dict[str, Any] | None, adapter: str | os.PathLike | None) -> Model:
+    if adapters is not None:
+        add_adapters_from_options(model, adapters)
+    if adapter is not None:
+        load_adapters(model, adapter)
+    return model
 
 
 def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any = None, linear: Any = None,

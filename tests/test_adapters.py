@@ -458,3 +458,28 @@ def test_an_adapter_optkit_saved_loads_in_peft_with_optkit_logits(tmp_path, case
     ids, mask = batch(seed=11)
     assert (logits(ours, ids, mask) - logits(peft_model, ids, mask))[mask.bool()].abs().max() <= ATOL
     assert peft_model.peft_config["default"].target_modules == set(case["target_modules"])
+
+
+def test_from_pretrained_adds_or_loads_adapters(tmp_path):
+    import optkit
+    from optkit.adapters import adapter_names, add_adapters, save_adapters
+
+    base = optkit.build("opt-tiny").eval()
+    base.save_pretrained(tmp_path / "base")
+    fresh = optkit.from_pretrained(tmp_path / "base", adapters={"r": 4, "alpha": 8, "target_modules": ["q_proj"]})
+    assert adapter_names(fresh) == ["default"]
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} and \
+        all("lora_" in n for n, p in fresh.named_parameters() if p.requires_grad)
+    tuned = optkit.from_pretrained(tmp_path / "base")
+    add_adapters(tuned, r=4, alpha=8, target_modules=["v_proj"])
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    save_adapters(tuned, tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loaded = optkit.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, tuned(ids).logits, atol=1e-6)
+    with pytest.raises(optkit.InputError, match="device_map"):
+        optkit.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter", device_map="auto")
