@@ -133,7 +133,7 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
                     revision: str | None = None, local_files_only: bool | None = None,
                     progress: bool | None = None, device_map: Any = None, max_memory: dict[Any, Any] | None = None,
                     offload_folder: str | os.PathLike | None = None, adapters: dict[str, Any] | None = None,
-                    adapter: str | os.PathLike | None = None) -> Model:
+                    adapter: str | os.PathLike | None = None, tp_size: int | None = None) -> Model:
     """Load an OPT checkpoint (directory or Hub id) into an optkit model.
 
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
@@ -148,7 +148,11 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
 
     ``adapters={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}`` adds fresh LoRA adapters (only
     they train); ``adapter=DIR`` loads a PEFT adapter directory (see docs/adapters.md).
+    ``tp_size=N`` splits the loaded model over the N ranks of the process group torchrun started (tensor
+    parallelism, see docs/distributed.md); every rank reads the whole checkpoint for now.
     """
+    if tp_size is not None and (device_map is not None or adapters is not None or adapter is not None):
+        raise InputError("tp_size cannot be combined with device_map or adapters yet; pass one of them")
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise InputError("max_memory and offload_folder place a model only with device_map=...; "
                          "pass device_map='auto' (or a map)")
@@ -170,7 +174,12 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
                             device=torch.device(device or "cpu"))
         if device_map is None:
             load_weights(model, raw, device=torch.device(device or "cpu"), dtype=model.dtype, source=str(path_or_id))
-            return _with_adapters(prepare(model.eval()), adapters, adapter)  # the fast path: same weights and keys
+            model = _with_adapters(prepare(model.eval()), adapters, adapter)  # the fast path: same weights and keys
+            if tp_size is None:
+                return model
+            from optkit.parallel import parallelize  # torch.distributed's tensor modules: imported when used
+
+            return parallelize(model, tp_size)
         # q/k/v are stacked where it pays once each resident unit has landed (dispatch does it); streamed ones never
         prepare(model.eval(), stack_projections=False)
         return _load_dispatched(model, raw, source=str(path_or_id), dtype=model.dtype, device_map=device_map,

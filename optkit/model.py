@@ -156,6 +156,18 @@ class Decoder(nn.Module):
         self.layerdrop = layerdrop
         self.gradient_checkpointing = False  # recompute each layer in backward to save memory
 
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """opt-350m's small projections stay whole on every rank (the components declare their own plans)."""
+        kept: dict[str, ShardStyle] = {}
+        if self.project_in is not None:
+            kept["project_in"] = "replicate"
+        if self.project_out is not None:
+            kept["project_out"] = "replicate"
+        return kept
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: the decoder's own sizes do not change."""
+
     def forward(self, *, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
                 position_ids: Tensor | None, cache: KVCache | None, output_hidden_states: bool,
                 output_attentions: bool, mask: AttentionMask | None = None,

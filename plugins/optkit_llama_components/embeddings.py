@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from optkit.interfaces import TokenEmbedding
+from optkit.interfaces import ShardStyle, TokenEmbedding
 
 
 class StableEmbeddingParams(BaseModel):
@@ -40,6 +40,13 @@ class StableTokenEmbedding(TokenEmbedding):
     def embed_inputs(self, inputs_embeds: Tensor) -> Tensor:
         """User-supplied embeddings skip the LayerNorm, as in transformers' Open-Llama."""
         return inputs_embeds
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Each rank holds a slice of the vocabulary; the LayerNorm after the lookup is kept whole."""
+        return {"": "vocab"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: ids outside a rank's slice are masked by the parallel style."""
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.embedding_dim}, padding_idx={self.padding_idx}"

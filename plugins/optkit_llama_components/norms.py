@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from optkit.interfaces import Norm
+from optkit.interfaces import Norm, ShardStyle
 
 
 class RMSNormParams(BaseModel):
@@ -35,6 +35,13 @@ class RMSNorm(Norm):
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Normalises whole hidden vectors: every tensor-parallel rank keeps all of it."""
+        return {"": "replicate"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: kept whole."""
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

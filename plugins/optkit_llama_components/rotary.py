@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from optkit.errors import SpecValidationError
-from optkit.interfaces import PositionalEmbedding
+from optkit.interfaces import PositionalEmbedding, ShardStyle
 
 Scaling = Literal["none", "linear", "dynamic"]
 
@@ -73,6 +73,13 @@ class RotaryEmbedding(PositionalEmbedding):
     def rotate(self, query: Tensor, key: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = self.cos_sin(position_ids, query.dtype)
         return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """No weights; rotates each head on its own, so it works on a rank's local heads unchanged."""
+        return {"": "replicate"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: rotation is per head."""
 
     def cos_sin(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(batch, 1, length, head_dim)`` tables, computed in fp32 and cast to ``dtype``."""

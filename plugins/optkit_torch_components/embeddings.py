@@ -60,6 +60,13 @@ class LearnedPositionalEmbedding(PositionalEmbedding):
     def additive(self, position_ids: Tensor) -> Tensor:
         return F.embedding(position_ids + self.offset, self.weight)
 
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Added to whole hidden vectors: every tensor-parallel rank keeps the table."""
+        return {"": "replicate"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: kept whole."""
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, offset={self.offset}"
 

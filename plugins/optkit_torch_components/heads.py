@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from optkit.errors import InputError
-from optkit.interfaces import Head, HeadInputs, HeadMatmul, LinearFactory, TokenEmbedding
+from optkit.interfaces import Head, HeadInputs, HeadMatmul, LinearFactory, ShardStyle, TokenEmbedding
 
 
 def keep_positions(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
@@ -26,6 +26,13 @@ class BaseHead(Head):
 
     def forward(self, hidden_states: Tensor, inputs: HeadInputs) -> dict[str, Any]:
         return {"last_hidden_state": hidden_states}
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """No weights: nothing to split."""
+        return {}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust."""
 
 
 class CausalLMParams(BaseModel):
@@ -55,6 +62,13 @@ class CausalLMHead(Head):
     def tie_weights(self, token_embedding: TokenEmbedding) -> None:
         if self.tied:
             self.weight = token_embedding.weight
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Logits split by vocabulary rows (tied or not) and gathered for the positions returned."""
+        return {"": "vocab"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: the parallel style gathers the logits."""
 
     def forward(self, hidden_states: Tensor, inputs: HeadInputs) -> dict[str, Any]:
         hidden = keep_positions(hidden_states, inputs.logits_to_keep)
@@ -97,6 +111,13 @@ class SequenceClassificationHead(Head):
         self.num_labels, self.problem_type, self.pad_token_id = num_labels, problem_type, pad_token_id
         self.weight = nn.Parameter(torch.empty(num_labels, dim))
         nn.init.normal_(self.weight, std=init_std)
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """A few labels: every tensor-parallel rank keeps the whole score matrix."""
+        return {"": "replicate"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: kept whole."""
 
     def pool_index(self, input_ids: Tensor | None, batch: int, length: int) -> Tensor:
         if self.pad_token_id is None and batch != 1:
@@ -147,6 +168,13 @@ class QuestionAnsweringHead(Head):
         self.weight = nn.Parameter(torch.empty(2, dim))
         self.bias = nn.Parameter(torch.zeros(2))
         nn.init.normal_(self.weight, std=init_std)
+
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Two outputs: every tensor-parallel rank keeps the whole projection."""
+        return {"": "replicate"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: kept whole."""
 
     def forward(self, hidden_states: Tensor, inputs: HeadInputs) -> dict[str, Any]:
         logits = F.linear(hidden_states, self.weight, self.bias)

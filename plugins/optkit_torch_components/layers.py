@@ -17,6 +17,13 @@ from optkit.interfaces import MLP, Norm, ShardStyle
 class LayerNorm(nn.LayerNorm, Norm):
     """torch's LayerNorm; ``elementwise_affine=False`` has no weight and no bias (OPT)."""
 
+    def tp_plan(self) -> dict[str, ShardStyle]:
+        """Normalises whole hidden vectors: every tensor-parallel rank keeps all of it."""
+        return {"": "replicate"}
+
+    def shard_local(self, tp_size: int) -> None:
+        """Nothing to adjust: kept whole."""
+
 
 class LayerNormParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
