@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import build_tiny_bpe
+from tests.helpers import TEXT_MODEL_MAX_POSITIONS, make_text_model_dir
 
 import optkit
 import optkit.generation
@@ -15,17 +15,8 @@ from optkit.errors import CheckpointNotFoundError, InputError, OptkitError
 from optkit.pipelines import pipeline
 from optkit.tokenizer import Tokenizer
 
-MAX_POSITIONS = 64
+MAX_POSITIONS = TEXT_MODEL_MAX_POSITIONS
 PIPELINE_MODULE = importlib.import_module("optkit.pipelines")  # optkit.pipeline may be the function
-
-
-def make_text_model_dir(directory: Path) -> Path:
-    """A tiny tokenizer (800 ids) and a random optkit model that fits it, saved together like a checkpoint."""
-    build_tiny_bpe(directory)
-    torch.manual_seed(0)  # init_std 0.2: random weights that do not repeat one token forever
-    spec = {"extends": "opt-tiny", "decoder": {"vocab_size": 800, "max_positions": MAX_POSITIONS, "init_std": 0.2}}
-    optkit.build(spec, dtype=torch.float32).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -15,8 +14,8 @@ import pytest
 from optkit.errors import DuplicateComponentError, PluginLoadError, PluginLoadWarning
 from optkit.plugins import load_entry_points
 from optkit.registration import Provider, Registry
-
-ENV = ("OPTKIT_STRICT_PLUGINS", "OPTKIT_DISABLE_PLUGIN_AUTOLOAD", "OPTKIT_LOAD_PLUGINS", "OPTKIT_BLOCK_PLUGINS")
+from tests.helpers.plugins import PLUGIN_ENV as ENV
+from tests.helpers.plugins import FakeDist, FakeEntryPoint
 KEEP_WORKING = "; the other plugins keep working. Set OPTKIT_STRICT_PLUGINS=1 to make this fatal."
 
 GOOD = """
@@ -31,27 +30,6 @@ def optkit_register(registry):
 """
 
 
-@dataclass
-class FakeDist:
-    name: str
-    version: str = "1.0"
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return {"Name": self.name}
-
-
-@dataclass
-class FakeEntryPoint:
-    """What load_entry_points reads from an EntryPoint, with a settable ``dist``."""
-
-    name: str
-    value: str
-    dist: FakeDist | None = None
-    group: str = "optkit"
-
-    def load(self):
-        return importlib.import_module(self.value)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ import textwrap
 import threading
 import types
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,8 +30,9 @@ from optkit.plugins import load_entry_points
 from optkit.registration import Capabilities, Provider, Registry
 from optkit.spec import load_spec
 from optkit.testing import add_plugin, fresh_registry, temporary_plugin
+from tests.helpers.plugins import PLUGIN_ENV as ENV
+from tests.helpers.plugins import FakeDist, FakeEntryPoint
 
-ENV = ("OPTKIT_STRICT_PLUGINS", "OPTKIT_DISABLE_PLUGIN_AUTOLOAD", "OPTKIT_LOAD_PLUGINS", "OPTKIT_BLOCK_PLUGINS")
 KEEP_WORKING = "; the other plugins keep working. Set OPTKIT_STRICT_PLUGINS=1 to make this fatal."
 ACME = Provider("acme", "acme-kernels", "1.0")
 
@@ -45,25 +45,6 @@ def optkit_register(registry):
 """
 
 
-@dataclass
-class FakeDist:
-    name: str
-    version: str = "1.0"
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return {"Name": self.name}
-
-
-@dataclass
-class FakeEntryPoint:
-    name: str
-    value: str
-    dist: FakeDist | None = None
-    group: str = "optkit"
-
-    def load(self):
-        return importlib.import_module(self.value)
 
 
 @pytest.fixture(autouse=True)
