@@ -302,7 +302,7 @@ class Model(nn.Module):
                              f"{self.decoder.max_positions}")
 
     def _check_attention_weights(self) -> None:
-        name, registry = self.attention_backend, self.registry
+        name, registry = self.spec.decoder.attention.name, self.registry
         if ("attention", name) in registry and not registry.get("attention", name).capabilities.attention_weights:
             able = [r.name for r in registry.registrations("attention") if r.capabilities.attention_weights]
             raise InputError(f"attention backend '{name}' cannot return attention weights; "
