@@ -196,6 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # anywhere: while importing, loading, generating
         print("optkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a Ctrl-C is behind it
+        if not _interrupted(exc):
+            raise
+        print("optkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a Ctrl-C caused ``exc``: Python wraps a KeyboardInterrupt that lands in some places (a class
+    body's ``__set_name__`` while torch imports, a plugin guard) into another exception."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -206,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.close()
         return 0
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if args.debug:
+        if args.debug or _interrupted(exc):
             raise
         if isinstance(exc, OptkitError):
             print(f"optkit: error: {exc}", file=sys.stderr)
