@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from optkit.errors import SpecValidationError, UnknownComponentError, brief_repr, shorten
+from optkit.host import meminfo_bytes
 from optkit.registration import AUTO, AUTO_KINDS, KINDS, Registry
 
 if TYPE_CHECKING:
@@ -526,18 +527,7 @@ def _host_memory() -> int | None:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-    return physical + _swap_bytes()
-
-
-def _swap_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("SwapTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return physical + (meminfo_bytes("SwapTotal") or 0)
 
 
 def _device_memory(device: torch.device) -> int | None:

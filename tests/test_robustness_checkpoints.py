@@ -652,23 +652,15 @@ BAD_JSON = {"invalid": (b'{"model_type": "opt",', "is not valid JSON (Expecting 
 
 
 @pytest.mark.parametrize("case", sorted(BAD_JSON))
-def test_a_bad_config_json_is_named(tmp_path, case):
-    directory = saved(tmp_path)
+@pytest.mark.parametrize("name, checkpoint", [("config.json", saved), ("model.safetensors.index.json", sharded)],
+                         ids=["config", "index"])
+def test_a_bad_json_file_is_named(tmp_path, case, name, checkpoint):
+    directory = checkpoint(tmp_path)
     content, expected = BAD_JSON[case]
-    (directory / "config.json").write_bytes(content)
+    (directory / name).write_bytes(content)
     with pytest.raises(CheckpointError) as info:
         optkit.from_pretrained(directory)
-    assert f"{directory / 'config.json'} {expected}" in str(info.value)
-
-
-@pytest.mark.parametrize("case", sorted(BAD_JSON))
-def test_a_bad_index_json_is_named(tmp_path, case):
-    directory = sharded(tmp_path)
-    content, expected = BAD_JSON[case]
-    (directory / "model.safetensors.index.json").write_bytes(content)
-    with pytest.raises(CheckpointError) as info:
-        optkit.from_pretrained(directory)
-    assert f"{directory / 'model.safetensors.index.json'} {expected}" in str(info.value)
+    assert f"{directory / name} {expected}" in str(info.value)
 
 
 @pytest.mark.parametrize("index,expected", [

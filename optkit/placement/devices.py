@@ -15,6 +15,7 @@ from typing import Union
 import torch
 
 from optkit.errors import InputError
+from optkit.host import meminfo_bytes
 
 Device = Union[int, str]  # an accelerator index, "cpu" or "disk"
 HOST_DEVICES = ("cpu", "disk")
@@ -122,14 +123,8 @@ def available_memory() -> dict[Device, int]:
 
 
 def _host_available() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = meminfo_bytes("MemAvailable")
+    return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_max_memory(max_memory: dict[object, int | float | str] | None) -> dict[Device, int | None]:
