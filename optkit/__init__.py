@@ -35,6 +35,7 @@ _LAZY = {
     "build": "optkit.builder",
     "set_backend": "optkit.builder",
     "from_pretrained": "optkit.loading",
+    "default_model_dir": "optkit.bundled",
     "from_transformers": "optkit.loading",
     "save_pretrained": "optkit.checkpoints",
     "Model": "optkit.model",
@@ -77,6 +78,6 @@ __all__ = [
     "AttentionMask", "BackendUnavailableError", "Capabilities", "CheckpointError", "CheckpointNotFoundError",
     "ComponentError", "DuplicateComponentError", "GenerationConfig", "InputError", "Model", "ModelOutput", "ModelSpec", "OptkitError",
     "PluginLoadError", "PluginLoadWarning", "Registry", "SpecValidationError", "UnknownComponentError",
-    "build", "from_pretrained", "from_transformers", "hookimpl", "load_spec", "plan", "registry", "save_pretrained",
+    "build", "default_model_dir", "from_pretrained", "from_transformers", "hookimpl", "load_spec", "plan", "registry", "save_pretrained",
     "set_backend",
 ]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from optkit.bundled import bundled_directory
 from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENSORS,  # noqa: F401 - re-exported
                                      SAFETENSORS_INDEX, Weights, capped, find_weights, quoted, read_weights,
                                      write_checkpoint, Writer)
@@ -71,7 +72,11 @@ def hf_key(fmt: CheckpointFormat, key: str, head_prefix: str, *, base_model: boo
 # -- reading ------------------------------------------------------------------------------------
 def resolve_checkpoint_dir(path_or_id: str | os.PathLike, *, revision: str | None = None,
                            local_files_only: bool | None = None) -> Path:
-    """A local directory, or a Hub id resolved through huggingface_hub's cache (offline when cached)."""
+    """A local directory, ``"optkit-default"`` (the bundled model), or a Hub id resolved through
+    huggingface_hub's cache (offline when cached)."""
+    bundled = bundled_directory(path_or_id)
+    if bundled is not None:
+        return bundled
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from typing import Callable
 
 from optkit.errors import OptkitError
@@ -223,8 +224,10 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.close()
         return 0
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if args.debug or _interrupted(exc):
+        if _interrupted(exc):
             raise
+        if args.debug:  # the traceback, but the same exit code as without --debug
+            traceback.print_exc()
         if isinstance(exc, OptkitError):
             print(f"optkit: error: {exc}", file=sys.stderr)
         else:

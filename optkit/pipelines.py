@@ -5,24 +5,19 @@ Without a model it runs the small model bundled in ``optkit/default_model``.
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from optkit.bundled import default_model_dir
 from optkit.errors import CheckpointNotFoundError, InputError
 from optkit.generation import check, config_for
 from optkit.generation_config import GenerationConfig, resolve
 
 SUPPORTED_TASKS = ("text-generation",)
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation pipeline default, capped to the model's positions
-
-
-def default_model_dir() -> Path:
-    """Where the bundled default model (weights + tokenizer files) lives."""
-    return Path(str(importlib.resources.files("optkit") / "default_model"))
 
 
 def _bundled_model() -> Path:

@@ -399,7 +399,13 @@ def _require_tokenizer_files(directory: Path, label: str) -> None:
 def _resolve_directory(
     path_or_hub_id: str | os.PathLike[str], *, revision: str | None, cache_dir: str | os.PathLike[str] | None
 ) -> Path:
-    """A local directory as is; otherwise the Hub snapshot (cache first, then a download)."""
+    """A local directory as is; ``"optkit-default"``, the bundled model's; otherwise the Hub snapshot (cache
+    first, then a download)."""
+    from optkit.bundled import bundled_directory
+
+    bundled = bundled_directory(path_or_hub_id)
+    if bundled is not None:
+        return bundled
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path

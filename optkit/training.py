@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from optkit.checkpoint_files import CONFIG_NAME, interrupted_hint
-from optkit.errors import CheckpointError
+from optkit.errors import CheckpointError, InputError
 
 TRAINER_STATE = "trainer_state.pt"
 STAGING = ".staging"
@@ -193,7 +193,9 @@ def load_tokenizer(tokenizer: Any) -> Any:
 
 def default_tokenizer_dir() -> Path:
     """The bundled model's tokenizer: what ``train`` uses when it is given none."""
-    return Path(__file__).parent / "default_model"
+    from optkit.bundled import default_model_dir
+
+    return default_model_dir()
 
 
 # ---------------------------------------------------------------------------------- token data
@@ -363,7 +365,9 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     progress = Progress(steps, log_every, stream)
     model = _model(spec_or_model, seed)
     if seq_len > model.spec.decoder.max_positions:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's {model.spec.decoder.max_positions} positions")
+        raise InputError(f"seq_len={seq_len} exceeds the model's {model.spec.decoder.max_positions} positions; "
+                         f"train on shorter windows (seq_len / --seq-len <= {model.spec.decoder.max_positions}) or "
+                         "use a spec with more decoder.max_positions")
     backend = load_tokenizer(tokenizer if tokenizer is not None else default_tokenizer_dir())
     train_stream, eval_stream = _token_streams(model, backend, corpus, eval_corpus, config, progress)
     _save_tokenizer_files(tokenizer, backend, out, model)
@@ -395,8 +399,9 @@ def _token_streams(model: nn.Module, backend: Any, corpus: Corpus, eval_corpus: 
     vocab = model.spec.decoder.vocab_size
     top = max((int(s.max()) for s in (train_stream, eval_stream) if s.numel()), default=0)
     if top >= vocab:
-        raise ValueError(f"the tokenizer produces id {top} but the model's vocabulary has {vocab} entries; "
-                         "use a matching tokenizer or set decoder.vocab_size")
+        raise InputError(f"the tokenizer produces id {top} but the model's vocabulary has {vocab} entries; "
+                         f"use a matching tokenizer or a spec with decoder.vocab_size >= {top + 1} (the preset "
+                         "'optkit-default' fits the bundled tokenizer)")
     progress.say(f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, {train_stream.numel():,} / "
                  f"{eval_stream.numel():,} tokens (tokenized in {time.perf_counter() - start:.1f}s)")
     return train_stream, eval_stream

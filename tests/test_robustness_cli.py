@@ -175,3 +175,15 @@ def test_an_error_caused_by_ctrl_c_is_reported_as_an_interrupt(capsys, monkeypat
     monkeypatch.setattr(cli, "_cmd_presets", wrapped)
     assert main(["presets"]) == 130
     assert capsys.readouterr().err == "optkit: interrupted\n"
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_shows_the_traceback_but_keeps_the_exit_code(capsys, monkeypatch, model_dir, debug):
+    """``--debug`` is for reading the cause; scripts that check the exit status must see the same 2 either way."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello"))
+    argv = ["--debug"] if debug else []
+    code = main([*argv, "run", "--model", str(model_dir), "--max-new-tokens", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "max-new-tokens" in err or "max_new_tokens" in err
+    assert ("Traceback" in err) is debug
