@@ -1,6 +1,8 @@
 """optkit vs transformers on the same weights: prefill latency, decode tokens/s, memory, bandwidth use.
 
-Not a test: a user runs it and reads the table. Both systems load one checkpoint (random weights
+The method lives in optkit.benchmarking (shared with `optkit bench`, the user-facing form); this script
+adds what the project's docs need: real OPT shapes, the context sweep, fresh-process memory and
+--write-docs. Not a test: a user runs it and reads the table. Both systems load one checkpoint (random weights
 at real OPT shapes), warm up, then alternate A/B/A/B; medians and spread are reported together
 with a memory bandwidth measured in the same run.
 
@@ -20,19 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import optkit
 import optkit.inference
+from optkit.benchmarking import (Result, bytes_per_token, generate, machine, measure, memory_bandwidth_gbs,
+                                 peak_rss_of_this_process_mib, prompts)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # transformers OPTConfig fields of the real checkpoints
@@ -44,35 +45,6 @@ SHAPES = {  # transformers OPTConfig fields of the real checkpoints
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
 }
 HF_COMPILED = "transformers static+compile"
-
-
-@dataclass
-class Result:
-    system: str
-    workload: str
-    batch: int
-    prompt: int
-    new: int
-    ttft_s: list[float] = field(default_factory=list)
-    decode_tok_s: list[float] = field(default_factory=list)
-
-    @property
-    def decode_median(self) -> float:
-        return statistics.median(self.decode_tok_s)
-
-    @property
-    def ttft_median(self) -> float:
-        return statistics.median(self.ttft_s)
-
-
-def memory_bandwidth_gbs(device: str = "cpu", reps: int = 7, gib: float = 1.0) -> float:
-    """Read bandwidth (a sum over ``gib``, timed): the roofline for decoding."""
-    if device.startswith("cuda"):
-        gib = 4.0  # many times the L2
-    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32, device=device)
-    x.sum()
-    times = [timed(x.sum, device) for _ in range(reps)]
-    return x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def hf_model(shape: str, dtype: torch.dtype, device: str):
@@ -112,52 +84,6 @@ def load_systems(shape: str, dtype: torch.dtype, device: str, variants: list[str
     return systems
 
 
-def prompts(batch: int, length: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts: row i has i*4 pads (batch 1: none)."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(batch):
-        mask[row, : min(row * 4, length - 1)] = 0
-    return ids.masked_fill(mask == 0, 1).to(device), mask.to(device)
-
-
-def generate(system: str, model_and_options, ids, mask, new: int) -> torch.Tensor:
-    """Greedy, EOS held off by min_new_tokens so both produce exactly ``new`` tokens."""
-    model, options = model_and_options
-    if system.startswith("transformers"):
-        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              pad_token_id=1, **options)
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **options)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def measure(systems: dict, ids, mask, new: int, reps: int, device: str, workload: str) -> list[Result]:
-    results = {name: Result(name, workload, ids.shape[0], ids.shape[1], new) for name in systems}
-    for name, system in systems.items():  # warm up every shape that is timed (compiles and graph captures)
-        generate(name, system, ids, mask, 1)
-        generate(name, system, ids, mask, new)
-    for _ in range(reps):  # A/B/A/B
-        for name, system in systems.items():
-            ttft = timed(lambda: generate(name, system, ids, mask, 1), device)
-            total = timed(lambda: generate(name, system, ids, mask, new), device)
-            results[name].ttft_s.append(ttft)
-            results[name].decode_tok_s.append(ids.shape[0] * (new - 1) / max(total - ttft, 1e-9))
-    return list(results.values())
-
-
 def cuda_working_memory_mib(systems: dict, ids, mask, new: int) -> dict[str, float]:
     """Peak memory one generate() allocates beyond what was already allocated (weights, kept graphs)."""
     memory = {}
@@ -176,14 +102,6 @@ def decode_path(model) -> str:
     session = model.inference_session
     kept = session.kept_step if session is not None else None
     return "CUDA graph" if kept is not None and kept.graph is not None else "eager loop"
-
-
-def bytes_per_token(model, context: int, batch: int, element: int) -> float:
-    """Weights read once per decode step (the position table: one row) plus the KV cache read."""
-    d = model.spec.decoder
-    weights = sum(p.numel() for name, p in model.named_parameters() if "embed_positions" not in name)
-    kv = 2 * d.num_layers * context * d.hidden_size * batch
-    return (weights + kv) * element
 
 
 def peak_rss_mib(system: str, directory: Path, args: argparse.Namespace) -> float:
@@ -212,17 +130,6 @@ def run_peak_rss(args: argparse.Namespace) -> None:
     options = {"compile": True} if args.peak_rss != "transformers" and "compile" in flags else {}
     generate(args.peak_rss, (model, options), ids, mask, args.new)  # with compile: compilation's peak included
     print(peak_rss_of_this_process_mib())
-
-
-def peak_rss_of_this_process_mib() -> float:
-    """VmHWM: unlike ru_maxrss, it starts afresh at exec (ru_maxrss keeps the forking parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def svg_plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
@@ -327,19 +234,6 @@ def main() -> None:
         if any(curve.values()):
             svg_plot(curve, args.out / f"{stem}.svg", f"{args.shape} {args.dtype} on {args.device}: decode tokens/s")
         (args.out / "performance" / f"{stem}.md").write_text(report)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return f"{cpu}; {torch.get_num_threads()} torch threads; GPU: {gpu}"
 
 
 def render(args, results: list[Result], bandwidths: tuple[float, float], ours, same: dict, memory: dict, elements: dict,

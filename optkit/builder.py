@@ -99,7 +99,12 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
         ctx.token_embedding = decoder.embed_tokens
         head = ctx.create("head")
         model = Model(decoder=decoder, head=head, spec=spec, registry=registry)
-    return model.to(dtype=dtype)
+    model = model.to(dtype=dtype)
+    if spec.adapters is not None:  # the spec's `adapters:` block: LoRA on the built projections (optkit.adapters)
+        from optkit.adapters import add_adapters_from_options
+
+        add_adapters_from_options(model, spec.adapters.model_dump())
+    return model
 
 
 def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, registry: Registry | None = None,

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from optkit.bundled import bundled_directory
 from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENSORS,  # noqa: F401 - re-exported
-                                     SAFETENSORS_INDEX, Weights, capped, find_weights, quoted, read_weights,
-                                     write_checkpoint, Writer)
+                                     OPTKIT_SPEC_NAME, SAFETENSORS_INDEX, Weights, capped, find_weights, quoted,
+                                     read_weights, write_checkpoint, Writer)
 from optkit.errors import CheckpointError, CheckpointNotFoundError, InputError, SpecValidationError
 from optkit.formats import CheckpointFormat, format_for_config, format_for_spec
 from optkit.spec import ModelSpec
@@ -88,7 +88,7 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, *, revision: str | Non
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", PICKLE_INDEX]
+    patterns = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", PICKLE_INDEX, OPTKIT_SPEC_NAME]
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception as cached_exc:  # noqa: BLE001 - any failure means "not cached"
@@ -98,7 +98,7 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, *, revision: str | Non
                 f"offline mode is on, so it was not downloaded ({type(cached_exc).__name__})") from None
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=[CONFIG_NAME, "*.safetensors",
-                                                                                SAFETENSORS_INDEX]))
+                                                                                SAFETENSORS_INDEX, OPTKIT_SPEC_NAME]))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointNotFoundError(
             f"cannot find checkpoint '{name}': it is not a local directory, not in the Hugging Face cache "
@@ -169,18 +169,28 @@ def config_dtype(config: dict[str, Any], *, source: str) -> torch.dtype:
 
 # -- writing ------------------------------------------------------------------------------------
 def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                    extra_files: dict[str, Writer] | None = None) -> Path:
-    """``config.json`` + safetensors in transformers' OPT layout (sharded with an index when large).
+                    extra_files: dict[str, Writer] | None = None, format: str = "auto", tokenizer: Any = None) -> Path:
+    """``config.json`` + safetensors in transformers' layout (sharded with an index when large), or optkit's own.
+
+    ``format``: "auto" writes transformers' format whenever the model has a transformers equivalent and
+    optkit's own format (optkit.native_checkpoint: the spec as YAML + safetensors) when it has not, e.g.
+    a plugin's MLP; "transformers" demands transformers' format (and raises why not); "optkit" asks for
+    optkit's. ``tokenizer`` (a directory of tokenizer files, or an object with ``save_pretrained``) is
+    written along, in the same step.
 
     The save replaces the checkpoint already in ``directory`` as a whole (see optkit.checkpoint_files):
     a crash or a full disk leaves the old checkpoint, the new one, or a directory that refuses to load,
     never a mix. Other files in the directory are left alone. ``extra_files`` (name -> writer of a path)
     are written in the same all-or-nothing step, e.g. a trainer's state next to its weights.
     """
+    from optkit.native_checkpoint import native_files, resolve_format, tokenizer_files
+
     directory = Path(directory)
-    fmt = format_for_spec(model.spec, registry=model.registry)
-    config = fmt.config_from_spec(model.spec, model.dtype)
-    base = model.spec.head.name == "base"
+    native = resolve_format(model, format) == "optkit"  # optkit's format keeps optkit's own tensor names
+    if not native:
+        fmt = format_for_spec(model.spec, registry=model.registry)
+        config = fmt.config_from_spec(model.spec, model.dtype)
+        base = model.spec.head.name == "base"
     tied = model.head.tied
     state = model.state_dict()
     _refuse_meta(model, state)
@@ -188,7 +198,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     for key, tensor in state.items():
         if tied and key == "head.weight":
             continue
-        tensors[hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)] = _standalone(tensor)
+        name = key if native else hf_key(fmt, key, model.head.checkpoint_prefix, base_model=base)
+        tensors[name] = _standalone(tensor)
     shards = _shard(tensors, max_shard_bytes)
     files: dict[str, Writer] = {}
     if len(shards) == 1:
@@ -202,13 +213,34 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         files[SAFETENSORS_INDEX] = lambda path: path.write_text(json.dumps(index, indent=2))
+    if native:
+        files = native_files(model, files)  # + optkit-spec.yaml and the manifest (config.json)
     for name, write in (extra_files or {}).items():
         if name in files or name == CONFIG_NAME:
             raise ValueError(f"extra_files: {name} is a file of the checkpoint itself")
         files[name] = write
-    files[CONFIG_NAME] = lambda path: path.write_text(json.dumps(config, indent=2) + "\n")
+    if not native:
+        files[CONFIG_NAME] = lambda path: path.write_text(json.dumps(config, indent=2) + "\n")
+    for name, write in tokenizer_files(tokenizer).items():
+        files.setdefault(name, write)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.explicit() and "generation_config.json" not in files:
+        text = generation_config.to_json()  # checked before anything is written
+        files["generation_config.json"] = lambda path: path.write_text(text)  # generate()'s defaults travel along
     write_checkpoint(directory, files)
     return directory
+
+
+def check_savable(model: Any, format: str = "auto") -> str:
+    """Whether ``save_pretrained`` would succeed, found without writing a byte (for trainers, before step 1):
+    the format it would write ("transformers" or "optkit"), or the error the save would raise."""
+    from optkit.native_checkpoint import resolve_format, spec_text
+
+    chosen = resolve_format(model, format)
+    _refuse_meta(model, model.state_dict())
+    if chosen == "optkit":
+        spec_text(model.spec)  # the spec must survive its own YAML
+    return chosen
 
 
 def _refuse_meta(model: Any, state: dict[str, Tensor]) -> None:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from optkit.errors import OptkitError
 
@@ -33,7 +33,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                            "status": p.status, "reason": p.reason,
                            "components": [f"{k}:{n}" for k, n in p.components],
                            "unusable": {f"{k}:{n}": r for k, n in p.components
-                                        if (r := registry.reasons_unavailable(k, n, device, dtype))}}
+                                        if (r := registry.reasons_unavailable(k, n, device, dtype))},
+                           "overrides": {f"{k}:{n}": note for k, n in p.components
+                                         if (note := _override_note(registry, p, k, n))}}
                           for p in registry.plugins], indent=2))
         return 0
     device, dtype = torch.device(_device(args.device)), getattr(torch, args.dtype)
@@ -43,10 +45,22 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         for kind, name in p.components:
             reasons = registry.reasons_unavailable(kind, name, device, dtype) if args.usable else []
             note = f"  (not usable on {device.type}/{args.dtype}: {'; '.join(reasons)})" if reasons else ""
-            print(f"    {kind}: {name}{note}")
+            override = _override_note(registry, p, kind, name)
+            print(f"    {kind}: {name}{f'  ({override})' if override else ''}{note}")
     if not registry.plugins:
         print("no optkit plugins are installed (is optkit installed with pip?)")
     return 0
+
+
+def _override_note(registry: Any, record: Any, kind: str, name: str) -> str:
+    """Who really provides a component a plugin lists, when ``override=True`` made that another plugin."""
+    current = registry.provider_of(kind, name)
+    if current is not None and current.plugin != record.name:
+        return f"overridden by {current}"
+    replaced = [r for r in registry.plugins if r is not record and (kind, name) in r.components]
+    if not replaced:
+        return ""
+    return f"overrides plugin '{replaced[0].name}' ({replaced[0].distribution} {replaced[0].version})"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -117,17 +131,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Per device: what would be placed there, weight and KV-cache bytes, and whether it fits (nothing allocated)."""
-    from optkit.errors import InputError
     from optkit.placement import plan
+    from optkit.placement.devices import max_memory_from_text
 
-    max_memory = None
-    if args.max_memory:
-        max_memory = {}
-        for pair in args.max_memory.split(","):
-            device, sep, size = pair.partition("=")
-            if not sep:
-                raise InputError(f"--max-memory: {pair!r} is not DEVICE=SIZE (e.g. 0=80GiB,cpu=200GiB,disk=2TB)")
-            max_memory[device.strip()] = size.strip()
+    max_memory = max_memory_from_text(args.max_memory) if args.max_memory else None
     result = plan(args.model, dtype=args.dtype, max_memory=max_memory, batch=args.batch, max_length=args.max_length,
                   device_map=args.device_map)
     print(result)
@@ -164,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the resolved spec")
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("plan", help="which devices a model would occupy (weights + KV cache), without loading it")
-    p.add_argument("model", help="preset name or alias, or a spec YAML file")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"])
+    p.add_argument("model", help="preset name or alias, a spec YAML file, or a checkpoint directory (or a Hub id "
+                   "in the Hugging Face cache): only its config.json is read")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32", "int8"],
+                   help="default: a checkpoint's own dtype, else float16")
     p.add_argument("--max-memory", default=None, help="DEVICE=SIZE pairs, e.g. 0=80GiB,1=80GiB,cpu=200GiB,disk=2TB "
                    "(default: this machine's free memory)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (sizes the KV cache)")
@@ -180,7 +189,7 @@ def _register_extra_commands(sub: argparse._SubParsersAction) -> None:
     """Commands defined in other modules (generation) register here when present."""
     import importlib
 
-    for module in ("optkit.cli_run", "optkit.cli_train"):
+    for module in ("optkit.cli_run", "optkit.cli_train", "optkit.cli_export", "optkit.cli_bench"):
         try:
             register = importlib.import_module(module).register
         except ModuleNotFoundError as exc:

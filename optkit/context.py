@@ -19,10 +19,12 @@ from optkit.interfaces import (
     AttentionKernel,
     DecoderBlock,
     Head,
+    KVCache,
     LinearFactory,
     NormFactory,
     PositionalEmbedding,
     TokenEmbedding,
+    WrappableLinear,
 )
 from optkit.plugins import describe, guarded
 from optkit.registration import Registry
@@ -71,17 +73,40 @@ class BuildContext:
         problem = _interface_problem(kind, component, self)
         if problem:
             raise ComponentError(f"{what} {problem} (see docs/hooks.md, \"Component kinds\")")
-        return component
+        return CheckedCacheFactory(component, what) if kind == "kv_cache" else component
 
     def linear(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
         if self.linear_factory is None:
             self.linear_factory = self.create("linear")
-        return self.linear_factory(in_features, out_features, bias=bias)
+        layer = self._made("linear", lambda: self.linear_factory(in_features, out_features, bias=bias))
+        problem = _linear_problem(layer, in_features, out_features)
+        if problem:
+            raise ComponentError(f"{self._what('linear')} {problem} (see docs/hooks.md, \"Component kinds\")")
+        return layer
 
     def norm(self, dim: int) -> nn.Module:
         if self.norm_factory is None:
             self.norm_factory = self.create("norm")
-        return self.norm_factory(dim)
+        norm = self._made("norm", lambda: self.norm_factory(dim))
+        problem = _width_problem(norm, dim, dim, "a norm", f"dim={dim}") if isinstance(norm, nn.Module) \
+            else f"built {brief_repr(norm, 80)} ({type(norm).__name__}), not an nn.Module"
+        if problem:
+            raise ComponentError(f"{self._what('norm')} {problem} (see docs/hooks.md, \"Component kinds\")")
+        return norm
+
+    def _what(self, kind: str, ref: ComponentRef | None = None) -> str:
+        ref = ref or self.ref(kind)
+        return f"{kind} '{ref.name}' from {self.registry.get(kind, ref.name).provider}"
+
+    def _made(self, kind: str, make: Any) -> Any:
+        """What a factory's factory made; its crash is a ComponentError naming the component and plugin."""
+        try:
+            with guarded():
+                return make()
+        except OptkitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin bug, reported with the plugin's name
+            raise ComponentError(f"{self._what(kind)} failed to build a {kind}: {describe(exc)}") from exc
 
 
 # What a factory of each kind must return (docs/hooks.md, "Component kinds"); None: a callable factory.
@@ -110,21 +135,63 @@ def _interface_problem(kind: str, component: Any, ctx: BuildContext) -> str | No
     return None
 
 
+def _linear_problem(layer: Any, in_features: int, out_features: int) -> str | None:
+    """A linear must be a module with the sizes it was asked for (adapters and tensor parallelism read them)."""
+    got = f"{brief_repr(layer, 80)} ({type(layer).__name__})"
+    if not isinstance(layer, nn.Module):
+        return f"built {got}, not an nn.Module"
+    if not isinstance(layer, WrappableLinear):
+        return (f"built {type(layer).__name__} without in_features/out_features attributes "
+                "(optkit.interfaces.WrappableLinear)")
+    if (layer.in_features, layer.out_features) != (in_features, out_features):
+        return (f"was asked for a {in_features} -> {out_features} linear but built one with in_features="
+                f"{layer.in_features}, out_features={layer.out_features}")
+    return _width_problem(layer, in_features, out_features, "a linear", f"in_features={in_features}")
+
+
+class CheckedCacheFactory:
+    """A kv_cache factory whose every product is checked to be a KVCache (a ComponentError otherwise)."""
+
+    def __init__(self, factory: Any, what: str) -> None:
+        self.factory, self.what = factory, what
+
+    def __call__(self, **shape: Any) -> KVCache:
+        try:
+            with guarded():
+                cache = self.factory(**shape)
+        except OptkitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin bug, reported with the plugin's name
+            raise ComponentError(f"{self.what} failed to make a cache: {describe(exc)}") from exc
+        if not isinstance(cache, KVCache):
+            raise ComponentError(f"{self.what} made {brief_repr(cache, 80)} ({type(cache).__name__}), not an "
+                                 "optkit.interfaces.KVCache (see docs/hooks.md, \"Component kinds\")")
+        return cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factory, name)
+
+
 def _mlp_width_problem(mlp: nn.Module, width: int) -> str | None:
-    """Run the MLP once on a meta tensor (no memory, no data, no random numbers) and check that it maps
-    hidden_size features to hidden_size features. An MLP that cannot run on meta is not judged here."""
+    return _width_problem(mlp, width, width, "an MLP", "decoder.hidden_size", "an mlp must return hidden_size features")
+
+
+def _width_problem(module: nn.Module, width: int, out_width: int, what: str, source: str,
+                   rule: str = "") -> str | None:
+    """Run the module once on a meta tensor (no memory, no data, no random numbers) and check that it maps
+    ``width`` features to ``out_width``. A module that cannot run on meta is not judged here."""
     meta = {name: torch.empty_like(t, device="meta")
-            for name, t in [*mlp.named_parameters(), *mlp.named_buffers()]}
+            for name, t in [*module.named_parameters(), *module.named_buffers()]}
     dtype = next((t.dtype for t in meta.values() if t.is_floating_point()), torch.get_default_dtype())
     x = torch.empty(1, 1, width, device="meta", dtype=dtype)
     try:
         with guarded(), torch.no_grad():
-            out = torch.func.functional_call(mlp, meta, (x,), strict=False)
+            out = torch.func.functional_call(module, meta, (x,), strict=False)
     except Exception:  # noqa: BLE001 - unsupported on meta (a custom kernel): the first forward will tell
         return None
     if not isinstance(out, torch.Tensor):
-        return f"built an MLP whose forward returns {brief_repr(out, 80)}, not a tensor"
-    if tuple(out.shape) != (1, 1, width):
-        return (f"built an MLP that maps {width} features (decoder.hidden_size) to shape {tuple(out.shape)} for an "
-                f"input of shape (1, 1, {width}); an mlp must return hidden_size features")
+        return f"built {what} whose forward returns {brief_repr(out, 80)}, not a tensor"
+    if tuple(out.shape) != (1, 1, out_width):
+        return (f"built {what} that maps {width} features ({source}) to shape {tuple(out.shape)} for an "
+                f"input of shape (1, 1, {width}); {rule or f'it must return {out_width} features'}")
     return None

@@ -22,7 +22,7 @@ Deliberate differences:
 from __future__ import annotations
 
 import dataclasses
-
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,7 +33,8 @@ from torch import Tensor
 from optkit.inference.decode_graph import unsupported_reason
 from optkit.inference.session import session_for
 from optkit.errors import InputError
-from optkit.generation_config import GenerationConfig, resolve
+from optkit.generation_config import GenerationConfig, ignored_sampling_settings, resolve
+from optkit.outputs import GenerateOutput
 
 if TYPE_CHECKING:
     from optkit.inference.decode_graph import DecodeStep
@@ -46,6 +47,9 @@ NEG_LARGE = -1.0e9  # transformers' "impossible" beam score; kept so beam rankin
 
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
 """(token ids so far (rows, length), next-token scores (rows, vocab)) -> processed scores."""
+StoppingCriterion = Callable[[Tensor, Tensor], Tensor]
+"""(ids including the new token (rows, length), that step's scores) -> (rows,) bool: the row is done
+(transformers' StoppingCriteria call; a row that is done is padded from then on, as after EOS)."""
 
 
 class Streamer(Protocol):
@@ -75,6 +79,53 @@ class Settings:
     cache_implementation: str | None = "static"  # preallocated, written in place: no copy per step
     decode_graph: bool = False  # decode through optkit.decode_graph (a captured CUDA graph on CUDA)
     compile: bool = False  # ... with that step compiled by torch.compile
+    output_scores: bool = False  # keep each step's processed scores (return_dict_in_generate)
+    output_logits: bool = False  # keep each step's raw logits (return_dict_in_generate)
+    return_dict: bool = False  # return a GenerateOutput instead of the ids
+
+
+@dataclass
+class _Trace:
+    """What generate records per step when asked (transformers' output_scores / output_logits)."""
+
+    scores: list[Tensor] = dataclasses.field(default_factory=list)
+    logits: list[Tensor] = dataclasses.field(default_factory=list)
+
+    def record(self, scores: Tensor | None, logits: Tensor | None) -> None:
+        """Copies: a captured decode step overwrites its logits buffer in the next step."""
+        if scores is not None:
+            self.scores.append(scores.clone())
+        if logits is not None:
+            self.logits.append(logits.clone())
+
+
+class StopStrings:
+    """Ends a row once its text ends in a stop string, the last token holding at least the string's last
+    character (transformers' StopStringCriteria: a string wholly inside earlier tokens never stops a row).
+
+    Tokens are decoded one at a time, as transformers matches them (an id without a token, beyond the
+    tokenizer's vocabulary, breaks a match); only the tail that can still hold a stop string is kept per row.
+    """
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer: Any, prompts: Tensor):
+        self.stop_strings = tuple(stop_strings)
+        self.tokenizer = tokenizer
+        self.keep = max(len(text) for text in self.stop_strings)
+        self.tails = ["".join(self._text(i) for i in row[-self.keep:]) for row in prompts.tolist()]
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if 0 <= token < len(self.tokenizer) else ""
+
+    def __call__(self, ids: Tensor, scores: Tensor) -> Tensor:
+        """Per row: does the token just appended complete a stop string?"""
+        done = []
+        for row, token in enumerate(ids[:, -1].tolist()):
+            piece = self._text(token)
+            text = self.tails[row] + piece
+            start = len(text) - len(piece)
+            done.append(bool(piece) and any(stop in text[max(0, start - len(stop) + 1):] for stop in self.stop_strings))
+            self.tails[row] = text[-(self.keep + len(piece)):] if piece else ""  # a textless id breaks a match
+        return torch.tensor(done, dtype=torch.bool, device=ids.device)
 
 
 # -- logits processors: small functions, composed in transformers' order -------------------------
@@ -349,18 +400,20 @@ class _StopCheck:
 
 
 def _greedy_or_sample(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
-                      generator: torch.Generator | None, streamer: Streamer | None) -> Tensor:
+                      generator: torch.Generator | None, streamer: Streamer | None, stops: list[StoppingCriterion],
+                      trace: _Trace | None) -> Tensor:
+    loop = dict(generator=generator, streamer=streamer, stops=stops, trace=trace)
     if s.decode_graph and s.max_length > ids.shape[1] + 1:
         session = session_for(model)
         with session.decode_step(model, ids.shape[0], s.max_length, s.cache_implementation, s.compile) as step:
-            return _decode_loop(model, ids, mask, s, processors, generator, streamer, step.cache, step)
+            return _decode_loop(model, ids, mask, s, processors, cache=step.cache, step=step, **loop)
     cache = model.new_cache(ids.shape[0], max_length=s.max_length, kind=s.cache_implementation)
-    return _decode_loop(model, ids, mask, s, processors, generator, streamer, cache, None)
+    return _decode_loop(model, ids, mask, s, processors, cache=cache, step=None, **loop)
 
 
-def _decode_loop(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor],
+def _decode_loop(model: Model, ids: Tensor, mask: Tensor, s: Settings, processors: list[LogitsProcessor], *,
                  generator: torch.Generator | None, streamer: Streamer | None, cache: KVCache,
-                 step: DecodeStep | None) -> Tensor:
+                 step: DecodeStep | None, stops: list[StoppingCriterion], trace: _Trace | None) -> Tensor:
     """Prefill, then one token per iteration: through ``step`` (device-side state) or the plain forward."""
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -369,18 +422,23 @@ def _decode_loop(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
     if step is not None:
         step.start(mask)
     while True:
-        token = _pick(apply_processors(processors, ids, logits), s.do_sample, generator)
+        scores = apply_processors(processors, ids, logits)
+        if trace is not None:
+            trace.record(scores if s.output_scores else None, logits if s.output_logits else None)
+        token = _pick(scores, s.do_sample, generator)
         if len(eos):
             token = torch.where(unfinished, token, s.pad_token_id)
             unfinished &= ~torch.isin(token, eos)
         ids = torch.cat([ids, token[:, None]], dim=1)
+        for stop_here in stops:
+            unfinished &= ~stop_here(ids, scores).to(unfinished.device)
         if step is None and padded:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if streamer is not None:
             streamer.put(token.cpu())
         if ids.shape[1] >= s.max_length:
             return ids
-        stop = _StopCheck(unfinished) if len(eos) else None
+        stop = _StopCheck(unfinished) if len(eos) or stops else None
         if stop is not None and not stop.deferred and stop.all_finished():
             return ids
         if step is not None:
@@ -503,15 +561,17 @@ def _beam_search(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
 
 # -- entry point ----------------------------------------------------------------------------------
 def config_for(model: Model, generation_config: Any = None) -> GenerationConfig:
-    """The passed config, else the model's own (``model.generation_config``, when it has one), else defaults."""
+    """The model's own config (``model.generation_config``: its checkpoint's generation_config.json, else
+    the defaults) with the explicit settings of ``generation_config`` laid over it, as transformers 5 does."""
+    own = getattr(model, "generation_config", None)
+    own = own if isinstance(own, GenerationConfig) else GenerationConfig()
     if generation_config is None:
-        generation_config = getattr(model, "generation_config", None)
-        return generation_config if isinstance(generation_config, GenerationConfig) else GenerationConfig()
+        return own
     if not isinstance(generation_config, GenerationConfig):
         raise InputError(f"generation_config: expected an optkit.GenerationConfig, got "
                          f"{type(generation_config).__name__}; build one with GenerationConfig(**settings) or "
                          "GenerationConfig.from_file('generation_config.json')")
-    return generation_config
+    return generation_config.over(own)
 
 
 def _settings(model: Model, input_ids: Any, attention_mask: Any, cfg: GenerationConfig, streamer: Any,
@@ -529,6 +589,9 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, cfg: Generation
     problems += _length_problems(prompt_length, cfg.max_new_tokens, cfg.max_length, decoder.max_positions)
     problems += _call_problems(cfg, input_ids.shape[0], streamer, generator, model.device)
     problems += _token_problems(eos, pad, decoder.vocab_size)
+    if cfg.num_beams > 1 and cfg.return_dict_in_generate and (cfg.output_scores or cfg.output_logits):
+        problems.append("output_scores / output_logits: not recorded by beam search in optkit; drop them "
+                        "(return_dict_in_generate=True alone returns .sequences) or use num_beams=1")
     _raise(problems)
     total = _total_length(prompt_length, cfg.max_new_tokens, cfg.max_length, decoder.max_positions)
     return Settings(max_length=total, min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample,
@@ -537,7 +600,24 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, cfg: Generation
                     repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
                     num_beams=cfg.num_beams, num_return_sequences=cfg.num_return_sequences,
                     length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping, eos_token_ids=eos,
-                    pad_token_id=pad, cache_implementation=cfg.cache_implementation, compile=cfg.compile)
+                    pad_token_id=pad, cache_implementation=cfg.cache_implementation, compile=bool(cfg.compile),
+                    output_scores=cfg.return_dict_in_generate and cfg.output_scores,
+                    output_logits=cfg.return_dict_in_generate and cfg.output_logits,
+                    return_dict=cfg.return_dict_in_generate)
+
+
+def _use_compile(model: Model, cfg: GenerationConfig, s: Settings, input_ids: Tensor) -> bool:
+    """``compile=None`` (the default): the measured policy of ``optkit.inference.policy`` decides."""
+    if cfg.compile is not None:
+        return cfg.compile
+    if cfg.decode_graph is False or model.device.type == "meta":
+        return False
+    from optkit.inference.policy import choose_for
+
+    rows = input_ids.shape[0] * s.num_return_sequences
+    choice = choose_for(model, rows, s.max_length - input_ids.shape[1], s.max_length,
+                        cache_kind=cfg.cache_implementation, num_beams=s.num_beams)
+    return choice.step == "compiled"
 
 
 def _use_decode_graph(model: Model, wanted: bool | None, s: Settings, cache_kind: str | None,
@@ -573,13 +653,45 @@ def _default_mask(ids: Tensor, s: Settings) -> Tensor:
     return mask.long()
 
 
+def _stop_string_problems(stop_strings: Any, tokenizer: Any) -> list[str]:
+    if stop_strings is None:
+        return []
+    texts = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t for t in texts):
+        return [f"stop_strings={_short_value(stop_strings)}: expected a non-empty string or a list of them"]
+    if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+        return ["stop_strings: matching them needs the model's tokenizer; pass tokenizer=<optkit Tokenizer> "
+                "as well (transformers asks for it too)"]
+    return []
+
+
+def _short_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _warn_ignored(cfg: GenerationConfig, settings: dict[str, Any]) -> None:
+    """As transformers: a sampling-only keyword passed to a greedy call is a warning, not an error."""
+    ignored = ignored_sampling_settings(cfg, settings)
+    if ignored:
+        warnings.warn(f"generate(): {', '.join(ignored)}: only used when sampling, and do_sample is False, so greedy "
+                      "decoding ignores them; pass do_sample=True or drop them", UserWarning, stacklevel=4)
+
+
 def _prepare(model: Model, input_ids: Any, attention_mask: Any, generation_config: Any, generator: Any,
-             streamer: Any, settings: dict[str, Any]) -> tuple[Settings, Tensor, Tensor]:
+             streamer: Any, settings: dict[str, Any], stop_strings: Any = None,
+             tokenizer: Any = None) -> tuple[Settings, Tensor, Tensor]:
     """Every check, then the resolved settings and the ids and mask on the model's device."""
     cfg = resolve(config_for(model, generation_config), settings, "generate()")
+    problems = _stop_string_problems(stop_strings, tokenizer)
+    if stop_strings is not None and cfg.num_beams > 1:
+        problems.append("stop_strings: not supported with beam search in optkit; use num_beams=1")
+    _raise(problems)
+    _warn_ignored(cfg, settings)
     s = _settings(model, input_ids, attention_mask, cfg, streamer, generator)
+    s = dataclasses.replace(s, compile=_use_compile(model, cfg, s, input_ids))
     s = dataclasses.replace(s, decode_graph=_use_decode_graph(model, cfg.decode_graph, s, cfg.cache_implementation,
-                                                              cfg.compile))
+                                                              s.compile))
     ids = input_ids.to(device=model.device, dtype=torch.long)
     mask = _default_mask(ids, s) if attention_mask is None else attention_mask.to(device=model.device,
                                                                                    dtype=torch.long)
@@ -588,15 +700,19 @@ def _prepare(model: Model, input_ids: Any, attention_mask: Any, generation_confi
 
 def check(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, *,
           generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
-          streamer: Streamer | None = None, **settings: Any) -> None:
+          streamer: Streamer | None = None, stop_strings: str | Sequence[str] | None = None, tokenizer: Any = None,
+          **settings: Any) -> None:
     """Raise the InputError ``generate`` would raise for these arguments, without running the model."""
-    _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings)
+    _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings, stop_strings,
+             tokenizer)
 
 
 @torch.no_grad()
 def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, *,
              generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
-             streamer: Streamer | None = None, **settings: Any) -> Tensor:
+             streamer: Streamer | None = None, stop_strings: str | Sequence[str] | None = None,
+             tokenizer: Any = None, stopping_criteria: Sequence[StoppingCriterion] = (),
+             **settings: Any) -> Tensor | GenerateOutput:
     """Prompt + generated ids, (batch * num_return_sequences, length), like transformers' ``generate``.
 
     Settings come from ``generation_config`` (an :class:`optkit.GenerationConfig`; default: the
@@ -610,19 +726,35 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     ``streamer`` receives the prompt ids, then each new token, then ``end()``. Dropout follows the
     model's mode: call ``model.eval()`` first (``from_pretrained`` already does).
 
+    As in transformers: ``stop_strings`` (with ``tokenizer=``) ends a row once its text ends in one of
+    them (the string is kept), and each callable in ``stopping_criteria`` ends the rows it returns True
+    for; ``return_dict_in_generate=True`` returns a :class:`GenerateOutput` with
+    ``.sequences`` and, when asked, ``.scores`` (``output_scores``: per step, the processed scores) and
+    ``.logits`` (``output_logits``: per step, the raw logits), each a tuple of (rows, vocab) float32 tensors.
+
     Per-call state stays in the call: ``generate`` never changes the model, and several threads may
     generate on one model at once.
     """
-    s, ids, mask = _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings)
+    s, ids, mask = _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings,
+                            stop_strings, tokenizer)
     copies = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
     processors = build_processors(s, ids.shape[1], prompt_start=(mask != 0).int().argmax(dim=1))
+    stops = list(stopping_criteria)
+    if stop_strings is not None:
+        stops.append(StopStrings([stop_strings] if isinstance(stop_strings, str) else stop_strings, tokenizer, ids))
+    if stops and s.num_beams > 1:
+        raise InputError("stopping_criteria: not supported with beam search in optkit; use num_beams=1")
+    trace = _Trace() if s.output_scores or s.output_logits else None
     if streamer is not None:
         streamer.put(ids.cpu())
     if s.num_beams > 1:
         output = _beam_search(model, ids, mask, s, processors, generator)
     else:
-        output = _greedy_or_sample(model, ids, mask, s, processors, generator, streamer)
+        output = _greedy_or_sample(model, ids, mask, s, processors, generator, streamer, stops, trace)
     if streamer is not None:
         streamer.end()
-    return output
+    if not s.return_dict:
+        return output
+    return GenerateOutput(sequences=output, scores=tuple(trace.scores) if s.output_scores else None,
+                          logits=tuple(trace.logits) if s.output_logits else None)

@@ -16,6 +16,7 @@ import difflib
 import json
 import reprlib
 import typing
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from optkit.errors import InputError
 
-__all__ = ["GenerationConfig"]
+__all__ = ["GENERATION_CONFIG_NAME", "GenerationConfig"]
+
+GENERATION_CONFIG_NAME = "generation_config.json"  # next to config.json, as transformers names it
 
 # What each field must be: the whole message after "name=value: must be ".
 REQUIREMENTS = {
@@ -43,15 +46,19 @@ REQUIREMENTS = {
     "early_stopping": "True, False or 'never'",
     "eos_token_id": "an integer token id, a list of them ([] never stops early) or None (the model's)",
     "pad_token_id": "an integer token id or None (the model's)",
+    "bos_token_id": "an integer token id or None (kept for transformers; generate starts from input_ids)",
+    "use_cache": "True or False (optkit always decodes through its KV cache: the tokens are the same)",
+    "return_dict_in_generate": "True or False (True: generate returns an output with .sequences)",
+    "output_scores": "True or False (the processed scores of each step, with return_dict_in_generate)",
+    "output_logits": "True or False (the raw logits of each step, with return_dict_in_generate)",
     "cache_implementation": "a kv_cache name such as 'static' or 'dynamic', or None (the model spec's)",
     "decode_graph": "True, False or None (automatic)",
-    "compile": "True or False",
+    "compile": "True, False or None (automatic: compiled when a warm compile cache or the work repays it)",
 }
 
 # transformers keys that never change which tokens generate() returns from input ids: dropped on load.
 NO_EFFECT_KEYS = frozenset({
-    "transformers_version", "bos_token_id", "decoder_start_token_id", "use_cache", "output_attentions",
-    "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate", "renormalize_logits",
+    "transformers_version", "decoder_start_token_id", "output_attentions", "output_hidden_states", "renormalize_logits",
     "remove_invalid_values", "cache_config", "max_cache_len", "compile_config", "disable_compile", "low_memory",
     "prefill_chunk_size", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
     "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "assistant_early_exit",
@@ -62,8 +69,14 @@ NO_EFFECT_KEYS = frozenset({
 OFF_VALUES: dict[str, Any] = {
     "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
     "num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-    "guidance_scale": 1.0, "penalty_alpha": 0.0, "token_healing": False, "max_time": None,
+    "guidance_scale": 1.0, "penalty_alpha": 0.0, "token_healing": False, "max_time": None, "min_p": None,
+    "top_h": None, "bad_words_ids": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "watermarking_config": None, "dola_layers": None,
+    "use_mtp": False, "stop_strings": None,
 }
+# Sampling-only settings: greedy decoding ignores them (transformers warns when a user sets one with do_sample off).
+SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 
 
 _REPR = reprlib.Repr()
@@ -103,10 +116,17 @@ class GenerationConfig(BaseModel):
     # special tokens: None takes the model's (its spec's tokens)
     eos_token_id: int | list[int] | None = None  # [] never stops early
     pad_token_id: int | None = None  # fills rows that already ended
+    bos_token_id: int | None = None  # kept for transformers' files; generate continues input_ids as given
+    # what generate returns (transformers' output flags)
+    use_cache: bool = True  # False gives the same tokens: optkit always decodes through its KV cache
+    return_dict_in_generate: bool = False  # True: an output with .sequences (.scores / .logits when asked)
+    output_scores: bool = False  # per step, the scores after the logits processors, (rows, vocab) each
+    output_logits: bool = False  # per step, the raw next-token logits, (rows, vocab) each
     # optkit's own: how the steps run (never which tokens come out, in fp32)
     cache_implementation: str | None = Field(default="static", min_length=1)  # a kv_cache; None: the spec's
     decode_graph: bool | None = None  # one CUDA-graph replay per step; None: on CUDA when the components allow
-    compile: bool = False  # torch.compile the decode step (seconds to minutes, once per shape)
+    compile: bool | None = None  # torch.compile the decode step; None: optkit.inference.policy decides (a warm
+    # compile cache, or enough work to repay the compile; never for small models)
 
     def __init__(self, **settings: Any) -> None:
         try:
@@ -125,8 +145,34 @@ class GenerationConfig(BaseModel):
 
     # -- building -----------------------------------------------------------------------------
     def replace(self, **changes: Any) -> GenerationConfig:
-        """A copy with ``changes`` applied, validated like the constructor (unknown names included)."""
-        return GenerationConfig(**{**self.to_dict(), **changes})
+        """A copy with ``changes`` applied, validated like the constructor (unknown names included); the
+        settings this config did not set stay unset (see :meth:`explicit`)."""
+        return GenerationConfig(**{**self.explicit(), **changes})
+
+    def explicit(self) -> dict[str, Any]:
+        """Only the settings given when this config was made (transformers' "not None" ones): what it
+        changes when laid over a model's own config, and what ``generation_config.json`` stores."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name in self.model_fields_set}
+
+    def over(self, base: GenerationConfig) -> GenerationConfig:
+        """``base`` with this config's explicit settings laid on top: transformers 5's rule for
+        ``generate(generation_config=cfg)``, where settings ``cfg`` leaves unset come from the model's."""
+        return base.replace(**self.explicit())
+
+    def to_json(self) -> str:
+        """``generation_config.json``'s text (the explicit settings; transformers reads it), refusing, as
+        transformers' save does, sampling settings that greedy decoding would ignore."""
+        ignored = ignored_sampling_settings(self, self.model_fields_set)
+        if ignored:
+            raise InputError(f"generation config: {', '.join(ignored)}: only used when sampling, but do_sample is "
+                             "False; set do_sample=True or drop them before saving (transformers refuses this too)")
+        return json.dumps(self.explicit(), indent=2) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_json` to ``path`` (a file name, or a directory to hold generation_config.json)."""
+        path = Path(path)
+        text = self.to_json()
+        (path / GENERATION_CONFIG_NAME if path.is_dir() else path).write_text(text, encoding="utf-8")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "generation config") -> GenerationConfig:
@@ -138,25 +184,33 @@ class GenerationConfig(BaseModel):
         fields, refused = {}, []
         for key, value in data.items():
             if key in cls.model_fields:
-                if value is not None or _accepts_none(cls.model_fields[key].annotation):
-                    fields[key] = value  # transformers writes null for "unset": then optkit's default
+                field = cls.model_fields[key]
+                if value is not None or (field.default is not None and _accepts_none(field.annotation)):
+                    fields[key] = value  # null is "unset" (transformers), unless None means other than the default
             elif not _has_no_effect(key, value):
-                near = difflib.get_close_matches(key, cls.model_fields, n=1)
-                refused.append(f"{key}={_short(value)}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+                near = difflib.get_close_matches(key, cls.model_fields, n=1, cutoff=0.8)
+                if key in OFF_VALUES or near:  # a transformers setting optkit lacks, or a typo of one it has
+                    refused.append(f"{key}={_short(value)}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+                # any other key is a custom entry: transformers keeps it as an attribute nothing reads
         if refused:
             raise InputError(f"{source}: {'; '.join(refused)}: not implemented by optkit, so generation would not "
                              f"follow it; remove it from the file (settings: {', '.join(cls.model_fields)})")
         try:
-            return cls(**fields)
+            config = cls(**fields)
         except _InvalidSettings as exc:
             raise InputError(f"{source}: " + "; ".join(exc.problems)) from None
+        ignored = ignored_sampling_settings(config, fields)
+        if ignored:  # transformers logs the same and decodes greedily
+            warnings.warn(f"{source}: {', '.join(ignored)}: only used when sampling, but do_sample is False; greedy "
+                          "decoding ignores them", UserWarning, stacklevel=3)
+        return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> GenerationConfig:
         """A ``generation_config.json`` (transformers' or ``to_dict()``'s), or a directory holding one."""
         path = Path(path)
         if path.is_dir():
-            path = path / "generation_config.json"
+            path = path / GENERATION_CONFIG_NAME
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -176,6 +230,15 @@ class GenerationConfig(BaseModel):
 
 def _accepts_none(annotation: Any) -> bool:
     return type(None) in typing.get_args(annotation)
+
+
+def ignored_sampling_settings(cfg: GenerationConfig, names: typing.Iterable[str]) -> list[str]:
+    """Among ``names``, the sampling-only settings ``cfg`` gives a non-neutral value while it decodes greedily."""
+    if cfg.do_sample:
+        return []
+    neutral = {"temperature": (None, 1.0), "top_p": (None, 1.0), "top_k": (None,)}
+    return [f"{name}={getattr(cfg, name)!r}" for name in SAMPLING_ONLY
+            if name in names and getattr(cfg, name) not in neutral[name]]
 
 
 def _has_no_effect(key: str, value: Any) -> bool:

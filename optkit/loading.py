@@ -18,14 +18,16 @@ from torch import Tensor
 
 from optkit.adapters import add_adapters_from_options, load_adapters
 from optkit.builder import build, build_head
-from optkit.checkpoint_files import (StoredTensor, find_weights, index_weights, interrupted_hint, locked,
-                                     read_json, read_tensors)
+from optkit.checkpoint_files import (OPTKIT_SPEC_NAME, StoredTensor, capped, find_weights, index_weights,
+                                     interrupted_hint, locked, read_json, read_tensors)
 from optkit.checkpoints import (CONFIG_NAME, _file_namer, _to_canonical, config_dtype, resolve_checkpoint_dir,
                                 spec_from_hf_config)
 from optkit.errors import CheckpointError, InputError
 from optkit.formats import format_for_spec
+from optkit.generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from optkit.inference.transform import prepare
 from optkit.model import Model
+from optkit.native_checkpoint import is_native, read_spec
 from optkit.placement import dispatch
 from optkit.spec import ModelSpec
 
@@ -34,25 +36,29 @@ Source = Union[Tensor, StoredTensor]  # a tensor in memory, or one still in its 
 
 
 def load_weights(model: Model, raw: Mapping[str, Source], *, device: torch.device, dtype: torch.dtype,
-                 source: str) -> None:
+                 source: str, native: bool = False) -> None:
     """Put checkpoint tensors into a model built on "meta"; one error lists every mismatch by its name in the file.
 
     Each tensor is read (or converted) on its own, straight to ``device`` and ``dtype``: one decoder layer
     is placed at a time, so int8 linears quantize as they land and no second copy of the model exists.
     """
-    state = _checked_state(model, raw, device=device, dtype=dtype, source=source)
+    state = _checked_state(model, raw, device=device, dtype=dtype, source=source, native=native)
     for group in _by_layer(state):
         model.load_state_dict(_place(group, device, dtype), strict=False, assign=True)
     model.tie_weights()
 
 
 def _checked_state(model: Model, raw: Mapping[str, Source], *, device: torch.device, dtype: torch.dtype,
-                   source: str) -> dict[str, Source]:
+                   source: str, native: bool = False) -> dict[str, Source]:
     """optkit key -> checkpoint tensor for every tensor the model needs, checked by name, shape and dtype
-    (from the headers: nothing is read), with a fresh head where the checkpoint has none."""
-    fmt = format_for_spec(model.spec, registry=model.registry)
-    state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
-    name = _file_namer(fmt, model, raw, names)
+    (from the headers: nothing is read), with a fresh head where the checkpoint has none.
+    ``native``: optkit's own format (optkit.native_checkpoint), whose keys are already optkit's."""
+    if native:
+        state, name = dict(raw), capped
+    else:
+        fmt = format_for_spec(model.spec, registry=model.registry)
+        state, names = _to_canonical(fmt, raw, model.head.checkpoint_prefix)
+        name = _file_namer(fmt, model, raw, names)
     expected = dict(model.state_dict())
     tied = model.head.tied
     misshaped = [f"{name(k)} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
@@ -70,7 +76,8 @@ def _checked_state(model: Model, raw: Mapping[str, Source], *, device: torch.dev
     groups = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
               ("not floating point", not_float))
     if any(keys for _, keys in groups):
-        lines = [f"checkpoint {source} does not fit the model its config.json describes:"]
+        lines = [f"checkpoint {source} does not fit the model its {OPTKIT_SPEC_NAME if native else CONFIG_NAME} "
+                 "describes:"]
         for label, keys in groups:
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
@@ -110,14 +117,15 @@ def _fresh_head_state(model: Model, device: torch.device, dtype: torch.dtype) ->
 
 
 def _load_dispatched(model: Model, raw: Mapping[str, Source], *, source: str, dtype: torch.dtype, device_map: Any,
-                     max_memory: dict[Any, Any] | None, offload_folder: str | os.PathLike | None) -> Model:
+                     max_memory: dict[Any, Any] | None, offload_folder: str | os.PathLike | None,
+                     native: bool = False) -> Model:
     """A model built on "meta", loaded unit by unit straight where ``device_map`` puts it.
 
     ``dispatch`` asks for each unit's weights in forward order on the device they land on (the unit's
     own, or the CPU for a streamed unit, which it then writes to the offload folder or keeps): host
     memory holds one unit at a time, never the model.
     """
-    state = _checked_state(model, raw, device=torch.device("cpu"), dtype=dtype, source=source)
+    state = _checked_state(model, raw, device=torch.device("cpu"), dtype=dtype, source=source, native=native)
 
     def load_unit(unit: str, device: torch.device) -> None:
         group = {k: state.pop(k) for k in [k for k in state if k.startswith(unit + ".")]}
@@ -127,14 +135,19 @@ def _load_dispatched(model: Model, raw: Mapping[str, Source], *, source: str, dt
     return dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder, load_unit=load_unit)
 
 
-def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", attention: Any = None,
+def from_pretrained(path_or_id: str | os.PathLike, *, head: str | None = None, attention: Any = None,
                     linear: Any = None, kv_cache: Any = None, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, num_labels: int | None = None,
                     revision: str | None = None, local_files_only: bool | None = None,
                     progress: bool | None = None, device_map: Any = None, max_memory: dict[Any, Any] | None = None,
                     offload_folder: str | os.PathLike | None = None, adapters: dict[str, Any] | None = None,
-                    adapter: str | os.PathLike | None = None, tp_size: int | None = None) -> Model:
-    """Load an OPT checkpoint (directory or Hub id) into an optkit model.
+                    adapter: str | os.PathLike | None = None, tp_size: int | None = None,
+                    torch_dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+                    low_cpu_mem_usage: bool | None = None) -> Model:
+    """Load an OPT checkpoint (directory or Hub id) into an optkit model, or one in optkit's own format.
+
+    ``head``: the task head (default: ``causal_lm``; for optkit's own format, the saved one). optkit's own
+    format (optkit.native_checkpoint) is rebuilt from its spec with the plugins its manifest names.
 
     ``dtype=None`` loads float32 (as transformers 4.x); ``dtype="auto"`` uses the
     checkpoint's ``torch_dtype``. ``progress`` (default: when stderr is a terminal) reports each weight file.
@@ -149,8 +162,14 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
     ``adapters={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}`` adds fresh LoRA adapters (only
     they train); ``adapter=DIR`` loads a PEFT adapter directory (see docs/adapters.md).
     ``tp_size=N`` splits the loaded model over the N ranks of the process group torchrun started (tensor
-    parallelism, see docs/distributed.md); every rank reads the whole checkpoint for now.
+    parallelism, see docs/distributed.md): each rank reads only its own slice of every split tensor.
+
+    transformers' keywords are aliases: ``torch_dtype`` of ``dtype``, ``attn_implementation`` ("eager", "sdpa",
+    "flash_attention_2") of ``attention``; ``low_cpu_mem_usage`` is accepted and changes nothing (optkit always
+    loads tensor by tensor onto a model built on "meta"). The checkpoint's ``generation_config.json``, when
+    present, becomes ``model.generation_config``: the defaults of ``generate``, pipelines and ``optkit run``.
     """
+    dtype, attention = transformers_aliases(dtype, torch_dtype, attention, attn_implementation, low_cpu_mem_usage)
     if tp_size is not None and (device_map is not None or adapters is not None or adapter is not None):
         raise InputError("tp_size cannot be combined with device_map or adapters yet; pass one of them")
     if device_map is None and (max_memory is not None or offload_folder is not None):
@@ -166,24 +185,74 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str = "causal_lm", a
             raise CheckpointError(f"{directory} has no {CONFIG_NAME}; an OPT checkpoint needs one"
                                   + interrupted_hint(directory))
         config = read_json(config_path, what=CONFIG_NAME)
-        spec = spec_from_hf_config(config, head=head, num_labels=num_labels, source=str(config_path))
+        native = is_native(config)
+        if native:  # the components the caller picks need not be the saved ones' plugins
+            chosen = {"attention": attention, "linear": linear, "kv_cache": kv_cache}
+            spec = read_spec(directory, config, head=head, num_labels=num_labels, chosen=chosen)
+        else:
+            spec = spec_from_hf_config(config, head=head or "causal_lm", num_labels=num_labels,
+                                       source=str(config_path))
+        generation_config = read_generation_config(directory)
         if dtype == "auto":
             dtype = config_dtype(config, source=str(config_path))
         raw = index_weights(find_weights(directory), progress=sys.stderr.isatty() if progress is None else progress)
         model = _meta_model(spec, attention=attention, linear=linear, kv_cache=kv_cache, dtype=dtype or torch.float32,
                             device=torch.device(device or "cpu"))
-        if device_map is None:
-            load_weights(model, raw, device=torch.device(device or "cpu"), dtype=model.dtype, source=str(path_or_id))
-            model = _with_adapters(prepare(model.eval()), adapters, adapter)  # the fast path: same weights and keys
-            if tp_size is None:
-                return model
-            from optkit.parallel import parallelize  # torch.distributed's tensor modules: imported when used
+        if generation_config is not None:
+            model.generation_config = generation_config
+        if tp_size is not None:  # each rank reads only its own slice of every split tensor
+            from optkit.parallel.loading import load_split  # torch.distributed's tensor modules: imported when used
 
-            return parallelize(model, tp_size)
+            state = _checked_state(model, raw, device=torch.device(device or "cpu"), dtype=model.dtype,
+                                   source=str(path_or_id), native=native)
+            return load_split(model.eval(), state, tp_size, device=torch.device(device or "cpu"))
+        if device_map is None:
+            load_weights(model, raw, device=torch.device(device or "cpu"), dtype=model.dtype, source=str(path_or_id),
+                         native=native)
+            return _with_adapters(prepare(model.eval()), adapters, adapter)  # the fast path: same weights and keys
         # q/k/v are stacked where it pays once each resident unit has landed (dispatch does it); streamed ones never
         prepare(model.eval(), stack_projections=False)
         return _load_dispatched(model, raw, source=str(path_or_id), dtype=model.dtype, device_map=device_map,
-                                max_memory=max_memory, offload_folder=offload_folder)
+                                max_memory=max_memory, offload_folder=offload_folder, native=native)
+
+
+ATTN_IMPLEMENTATIONS = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash"}
+
+
+def transformers_aliases(dtype: Any, torch_dtype: Any, attention: Any, attn_implementation: Any,
+                         low_cpu_mem_usage: Any) -> tuple[Any, Any]:
+    """(dtype, attention) from optkit's keywords or transformers' names for them (one of each pair)."""
+    if torch_dtype is not None and dtype is not None:
+        raise InputError("pass dtype or torch_dtype (transformers' name for it), not both")
+    if attn_implementation is not None and attention is not None:
+        raise InputError("pass attention or attn_implementation (transformers' name for it), not both")
+    if low_cpu_mem_usage not in (None, True, False):
+        raise InputError(f"low_cpu_mem_usage={low_cpu_mem_usage!r}: must be True, False or None")
+    dtype = torch_dtype if dtype is None else dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype) or not named.is_floating_point:
+            raise InputError(f"dtype={dtype[:40]!r} is not a floating torch dtype; use 'float32', 'float16', "
+                             "'bfloat16', 'auto' or a torch.dtype")
+        dtype = named
+    if attn_implementation is not None:
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise InputError(f"attn_implementation={str(attn_implementation)[:40]!r}: optkit maps "
+                             f"{', '.join(ATTN_IMPLEMENTATIONS)}; for other kernels pass attention=<backend name> "
+                             "(optkit info lists them)")
+        attention = ATTN_IMPLEMENTATIONS[attn_implementation]
+    return dtype, attention
+
+
+def read_generation_config(directory: Any) -> GenerationConfig | None:
+    """The checkpoint's generation_config.json (None when it has none); a bad file is a CheckpointError."""
+    path = directory / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return GenerationConfig.from_file(path)
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _with_adapters(model: Model, adapters: dict[str, Any] | None, adapter: str | os.PathLike | None) -> Model:
@@ -210,6 +279,10 @@ def from_transformers(hf_model: Any, *, head: str = "causal_lm", attention: Any 
     model = _meta_model(spec, attention=attention, linear=linear, kv_cache=kv_cache,
                         dtype=dtype or parameter.dtype, device=device)
     load_weights(model, hf_model.state_dict(), device=device, dtype=model.dtype, source=name)
+    hf_generation = getattr(hf_model, "generation_config", None)
+    if hf_generation is not None:  # its generate() defaults come along, as its generation_config.json would
+        model.generation_config = GenerationConfig.from_dict(hf_generation.to_diff_dict(),
+                                                             source=f"{name}.generation_config")
     return prepare(model.eval())
 
 

@@ -30,7 +30,8 @@ from optkit.interfaces import (
     ShardStyle,
     TokenEmbedding,
 )
-from optkit.outputs import ModelOutput
+from optkit.generation_config import GenerationConfig
+from optkit.outputs import ConfigView, ModelOutput
 from optkit.spec import AUTO, ComponentRef, ModelSpec
 
 if TYPE_CHECKING:
@@ -389,7 +390,8 @@ class Model(nn.Module):
         self.head.tie_weights(self.decoder.embed_tokens)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
-        """Write config.json + model.safetensors that transformers loads (see optkit.checkpoints)."""
+        """Write config.json + model.safetensors that transformers loads, or optkit's own format when transformers has
+        no equivalent of this model (``format="auto"|"transformers"|"optkit"``; see optkit.checkpoints)."""
         from optkit.checkpoints import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)
@@ -414,6 +416,73 @@ class Model(nn.Module):
         """{placement unit: device} of a dispatched model (None: everything where its weights are)."""
         return None if self.placement is None else self.placement.device_map
 
+    # -- transformers-style views: config, generation_config, num_parameters ------------------
+    @property
+    def config(self) -> ConfigView:
+        """transformers' ``model.config`` as a read-only view of the spec (``hidden_size``, ``num_hidden_layers``,
+        ``vocab_size``, ``model_type`` ...: the fields of the config.json ``save_pretrained`` writes)."""
+        from optkit.checkpoints import hf_config_from_spec
+
+        return ConfigView(hf_config_from_spec(self.spec, self.dtype))
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The defaults of ``generate``, pipelines and ``optkit run`` (the checkpoint's generation_config.json);
+        assign a new :class:`GenerationConfig` to change them (``save_pretrained`` writes its explicit settings)."""
+        return self.__dict__.get("_generation_config") or GenerationConfig()
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        if not isinstance(value, GenerationConfig):
+            raise InputError(f"model.generation_config: expected an optkit.GenerationConfig, got "
+                             f"{type(value).__name__}; use GenerationConfig(**settings)")
+        self.__dict__["_generation_config"] = value
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters as transformers counts them: each tensor once (tied weights too)."""
+        embedding_modules = (self.decoder.embed_tokens, self.decoder.embed_positions)
+        embeddings = {id(p) for m in embedding_modules for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable)
+                   and not (exclude_embeddings and id(p) in embeddings))
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    # -- adapters: PEFT's method names, delegating to optkit.adapters (see docs/adapters.md) ----------
+    def add_adapter(self, name: str = "default", **options: Any) -> Model:
+        """A fresh LoRA adapter ``name`` (``r``, ``alpha``, ``dropout``, ``target_modules``, ``use_rslora``);
+        only adapter parameters train afterwards."""
+        from optkit.adapters import add_adapters_from_options
+
+        return add_adapters_from_options(self, {**options, "name": name})
+
+    def load_adapter(self, directory: str | Path, name: str = "default", *, trainable: bool = False) -> Model:
+        """The adapter PEFT (or ``save_adapter``) wrote in ``directory``, as adapter ``name``."""
+        from optkit.adapters import load_adapters
+
+        return load_adapters(self, directory, name=name, trainable=trainable)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Run adapter ``name`` from now on (None: the base model alone)."""
+        from optkit.adapters import set_adapter
+
+        set_adapter(self, name)
+
+    def merge_adapters(self) -> None:
+        """Fold the active adapter into the base weights (refused, with the reason, for a quantized base)."""
+        from optkit.adapters import merge_adapters
+
+        merge_adapters(self)
+
+    def unmerge_adapters(self) -> None:
+        """Take a merged adapter out of the base weights again."""
+        from optkit.adapters import unmerge_adapters
+
+        unmerge_adapters(self)
+
+    def save_adapter(self, directory: str | Path, names: list[str] | None = None) -> Path:
+        """PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for each adapter (default: all)."""
+        from optkit.adapters import save_adapters
+
+        return save_adapters(self, directory, names=names)

@@ -74,26 +74,39 @@ class TextGenerationPipeline:
 
     task = "text-generation"
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.batch_size = _checked_batch_size(batch_size)
 
     def __call__(self, text_inputs: str | list[str], return_full_text: bool = True,
-                 generation_config: GenerationConfig | None = None, **generate_kwargs: Any) -> list[Any]:
+                 generation_config: GenerationConfig | None = None, batch_size: int | None = None,
+                 **generate_kwargs: Any) -> list[Any]:
         """Generate for one text (a list of dicts) or a list of texts (a list of such lists).
 
         ``generation_config`` and the keywords (``max_new_tokens``, ``do_sample``, ``temperature``,
-        ``num_return_sequences`` ..., ``generator``, ``streamer``) go to ``optkit.generation.generate``.
-        Without lengths, up to 256 new tokens (as transformers), fewer when the model has fewer positions.
+        ``num_return_sequences`` ..., ``generator``, ``streamer``, ``stop_strings``) go to
+        ``optkit.generation.generate``, over the model's ``generation_config``. Without lengths there either,
+        up to 256 new tokens (as transformers), fewer when the model has fewer positions. ``batch_size``
+        (default: the pipeline's, else every text at once) is how many texts run together, left-padded;
+        the texts come out the same either way.
         """
-        texts, ids, mask, cfg, run_args = self._prepare(text_inputs, generation_config, generate_kwargs)
+        texts = _texts(text_inputs)
+        size = _checked_batch_size(batch_size) or self.batch_size or len(texts)
+        results = []
+        for start in range(0, len(texts), size):
+            results += self._generate(texts[start:start + size], return_full_text, generation_config, generate_kwargs)
+        return results[0] if isinstance(text_inputs, str) else results
+
+    def _generate(self, texts: list[str], return_full_text: bool, generation_config: GenerationConfig | None,
+                  generate_kwargs: dict[str, Any]) -> list[list[dict[str, str]]]:
+        texts, ids, mask, cfg, run_args = self._prepare(texts, generation_config, generate_kwargs)
         output = self.model.generate(ids, attention_mask=mask, generation_config=cfg, **run_args)
         new_texts = self.tokenizer.batch_decode(_known_ids(output[:, ids.shape[1]:], self.tokenizer),
                                                 skip_special_tokens=True)
         n = cfg.num_return_sequences
-        results = [[{"generated_text": (prompt if return_full_text else "") + new}
-                    for new in new_texts[i * n:(i + 1) * n]] for i, prompt in enumerate(texts)]
-        return results[0] if isinstance(text_inputs, str) else results
+        return [[{"generated_text": (prompt if return_full_text else "") + new}
+                 for new in new_texts[i * n:(i + 1) * n]] for i, prompt in enumerate(texts)]
 
     def check(self, text_inputs: str | list[str], generation_config: GenerationConfig | None = None,
               **generate_kwargs: Any) -> None:
@@ -107,12 +120,11 @@ class TextGenerationPipeline:
                                                            dict[str, Any]]:
         """Texts, their left-padded ids and mask, the resolved config (default length filled in) and the
         per-call objects (generator, streamer)."""
-        texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
-        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-            raise InputError("text-generation pipeline: pass a string or a non-empty list of strings, "
-                             f"got {type(text_inputs).__name__}")
+        texts = _texts(text_inputs)
         settings = dict(generate_kwargs)
-        run_args = {k: settings.pop(k) for k in ("generator", "streamer") if k in settings}
+        run_args = {k: settings.pop(k) for k in ("generator", "streamer", "stop_strings", "stopping_criteria") if k in settings}
+        if "stop_strings" in run_args:
+            run_args["tokenizer"] = self.tokenizer
         cfg = resolve(config_for(self.model, generation_config), settings, "pipeline()")
         batch = self.tokenizer(list(texts), padding=True, return_tensors="pt")
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -122,13 +134,46 @@ class TextGenerationPipeline:
         return list(texts), ids, mask, cfg, run_args
 
 
-def pipeline(task: str, model: Any = None, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
-             device: torch.device | str | None = None, attention: str | None = None,
-             linear: str | None = None) -> TextGenerationPipeline:
+def _texts(text_inputs: Any) -> list[str]:
+    texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise InputError("text-generation pipeline: pass a string or a non-empty list of strings, "
+                         f"got {type(text_inputs).__name__}")
+    return list(texts)
+
+
+def _checked_batch_size(batch_size: Any) -> int | None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise InputError(f"batch_size={repr(batch_size)[:40]}: must be a positive integer (texts generated together) "
+                         "or None (all at once)")
+    return batch_size
+
+
+def _device(device: Any) -> Any:
+    """transformers' integer devices: -1 is the CPU, n >= 0 is cuda:n."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < -1:
+            raise InputError(f"device={device}: use -1 (CPU), a CUDA index >= 0, or a name such as 'cpu' or 'cuda:0'")
+        return "cpu" if device == -1 else f"cuda:{device}"
+    return device
+
+
+def pipeline(task: str | None = None, model: Any = None, tokenizer: Any = None,
+             dtype: torch.dtype | str | None = None, device: torch.device | str | int | None = None,
+             attention: str | None = None, linear: str | None = None, torch_dtype: torch.dtype | str | None = None,
+             batch_size: int | None = None) -> TextGenerationPipeline:
     """A ready-to-call pipeline. ``model``: checkpoint directory, hub id, optkit Model, or None (bundled).
 
     ``tokenizer`` defaults to the one stored with the model; pass it when ``model`` is a Model.
+    As in transformers: ``task`` may be left out when ``model`` is given (optkit's models generate text),
+    ``torch_dtype`` is ``dtype``, ``device=-1`` is the CPU and ``n`` is ``cuda:n``, and ``batch_size`` is
+    how many texts each generate call takes.
     """
+    if task is None and model is None:
+        raise InputError("pipeline(): pass a task ('text-generation') or a model to infer it from")
+    if torch_dtype is not None and dtype is not None:
+        raise InputError("pass dtype or torch_dtype (transformers' name for it), not both")
+    dtype, device, task = torch_dtype if dtype is None else dtype, _device(device), task or "text-generation"
     if task not in SUPPORTED_TASKS:
         raise InputError(f"unknown task {task!r}; supported tasks: {', '.join(SUPPORTED_TASKS)}")
     source = _bundled_model() if model is None else model
@@ -138,4 +183,5 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, dtype: torch.d
         raise InputError("pipeline(model=<Model>) needs tokenizer=<directory or optkit Tokenizer>: a loaded model "
                          "does not know where its tokenizer files are")
     loaded_tokenizer = _load_tokenizer(source if tokenizer is None else tokenizer)  # cheap: fail fast
-    return TextGenerationPipeline(_load_model(source, dtype, device, attention, linear), loaded_tokenizer)
+    return TextGenerationPipeline(_load_model(source, dtype, device, attention, linear), loaded_tokenizer,
+                                  _checked_batch_size(batch_size))

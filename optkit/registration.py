@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Mapping
@@ -32,7 +33,9 @@ from optkit.errors import (
     shorten,
 )
 from optkit.formats.base import CheckpointFormat
-from optkit.plugins import PluginRecord, Provider, describe, guarded, load_entry_points
+from optkit.plugins import FIRST_PARTY, PluginRecord, Provider, describe, guarded, load_entry_points
+
+log = logging.getLogger("optkit")
 
 Kind = Literal[
     "token_embedding", "positional_embedding", "attention", "mlp", "norm", "linear", "kv_cache", "block", "head"
@@ -202,6 +205,8 @@ class Registry:
                 f"{kind} '{name}' is registered twice: by {existing.provider} and by {provider}. "
                 f"Uninstall or block one of them (OPTKIT_BLOCK_PLUGINS), or register with override=True."
             )
+        if existing is not None and existing.factory is not factory:
+            _warn_override(f"{kind} '{name}'", existing.provider, provider)
         self._items[kind][name] = entry
         for record in self.plugins:
             if record.name == provider.plugin:
@@ -227,6 +232,8 @@ class Registry:
             raise DuplicateComponentError(
                 f"checkpoint format '{fmt.model_type}' is registered twice: by {existing[1]} and by {provider}. "
                 f"Uninstall or block one of them (OPTKIT_BLOCK_PLUGINS), or register with override=True.")
+        if existing is not None and existing[0] is not fmt:
+            _warn_override(f"checkpoint format '{fmt.model_type}'", existing[1], provider)
         self._formats[fmt.model_type] = (fmt, provider)
         for record in self.plugins:
             if record.name == provider.plugin:
@@ -260,6 +267,14 @@ class Registry:
                               f"(formats: {', '.join(f.family for f, _ in self._formats.values()) or 'none'})")
 
     # -- lookup ----------------------------------------------------------------------------
+    def provider_of(self, kind: str, name: str) -> Provider | None:
+        """Who provides ``(kind, name)`` now (after any ``override=True``; a checkpoint format too); None: nobody."""
+        if kind == FORMAT_KIND:
+            found = self._formats.get(name)
+            return found[1] if found else None
+        entry = self._items.get(kind, {}).get(name)
+        return entry.provider if entry else None
+
     def names(self, kind: str) -> list[str]:
         self.ensure_loaded()
         return sorted(self._items[kind])
@@ -287,6 +302,11 @@ class Registry:
         if not isinstance(name, str):
             return (f"{kind}: a component name must be a string, got {brief_repr(name)} "
                     f"(available: {', '.join(available) or 'none'})")
+        from optkit.plugin_hints import unloaded_message  # installed but not loaded: say so, no did-you-mean
+
+        unloaded = unloaded_message(self.plugins, kind, name)
+        if unloaded is not None:
+            return unloaded
         message = f"unknown {kind} '{shorten(name, 80)}' (available: {', '.join(available) or 'none'})"
         from optkit.presets import catalogue_entry, registry_file
 
@@ -350,6 +370,15 @@ class Registry:
             refusals.append(f"{entry.name}: {'; '.join(reasons)}")
         raise BackendUnavailableError(f"no usable {kind} for {torch.device(device).type}/"
                                       f"{str(dtype).removeprefix('torch.')}: " + " | ".join(refusals))
+
+
+def _warn_override(what: str, existing: Provider, provider: Provider) -> None:
+    """Log that a plugin replaces one of optkit's own components (override=True): models change behaviour
+    with no edit of theirs, so the user must be able to see it (``optkit plugins`` shows it too)."""
+    if existing.distribution == FIRST_PARTY and provider.distribution != FIRST_PARTY:
+        log.warning("optkit: %s of %s is overridden by %s (override=True); models using %s now run that plugin's "
+                    "code. `optkit plugins` shows the override; OPTKIT_BLOCK_PLUGINS=%s restores optkit's own",
+                    what, existing, provider, what, provider.plugin)
 
 
 def _check_registration(kind: str, name: str, factory: Callable[..., Any], params: Any, capabilities: Any,

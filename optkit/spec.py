@@ -19,10 +19,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optkit.errors import SpecValidationError, UnknownComponentError, brief_repr, shorten
 from optkit.host import meminfo_bytes
@@ -117,16 +117,40 @@ class TokensSpec(StrictModel):
     eos_token_id: int | None = _strict(default=2)
 
 
+class AdaptersSpec(StrictModel):
+    """LoRA adapters the builder adds once the model is built (``optkit.adapters.add_adapters``; PEFT's names
+    in brackets): ``r`` [r], ``alpha`` [lora_alpha], ``dropout`` [lora_dropout], ``target_modules`` (checkpoint
+    names such as q_proj, or "all-linear"), ``use_rslora``, ``name``. Target names are checked against the
+    built model's projections."""
+
+    r: int = _strict(gt=0)
+    alpha: float = _strict()
+    dropout: float = _strict(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                                                      min_length=1)
+    use_rslora: bool = _strict(default=False)
+    name: str = _strict(default="default", min_length=1)
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `target_modules: all-linear` reads as a list of one
+
+
 class ModelSpec(StrictModel):
-    """A whole model: family, decoder, head and special tokens."""
+    """A whole model: family, decoder, head and special tokens (and, optionally, LoRA adapters)."""
 
     family: str = "opt"
     decoder: DecoderSpec
     head: ComponentRef = _ref("causal_lm")
     tokens: TokensSpec = Field(default_factory=TokensSpec)
+    adapters: AdaptersSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if data["adapters"] is None:  # a spec without adapters reads (and prints) as before they existed
+            del data["adapters"]
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

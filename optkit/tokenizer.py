@@ -17,6 +17,7 @@ import os
 import re
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,14 @@ class Tokenizer:
     def pad_token(self) -> str | None:
         return self.special_tokens.pad_token
 
+    @pad_token.setter
+    def pad_token(self, token: str | None) -> None:
+        """As in transformers, e.g. ``tok.pad_token = tok.eos_token``; the token must be in the vocabulary."""
+        if token is not None and (not isinstance(token, str) or self.backend.token_to_id(token) is None):
+            raise InputError(f"pad_token={_short(token)}: not a token of this vocabulary; use one it has "
+                             f"(e.g. tok.pad_token = tok.eos_token, {self.eos_token!r})")
+        self.special_tokens = dataclasses.replace(self.special_tokens, pad_token=token)
+
     @property
     def bos_token_id(self) -> int | None:
         return self._token_id(self.bos_token)
@@ -214,6 +223,10 @@ class Tokenizer:
         prefix = self._prefix_ids(add_special_tokens)
         return [prefix + enc.ids for enc in encode(texts, add_special_tokens=False)]
 
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """Token strings of one text (byte-level, e.g. ``"Ġworld"``), as transformers' ``tokenize``."""
+        return [self.backend.id_to_token(i) for i in self.encode(text, add_special_tokens=add_special_tokens)]
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of one text (BOS first unless ``add_special_tokens=False``)."""
         if not isinstance(text, str):
@@ -224,6 +237,7 @@ class Tokenizer:
     def __call__(
         self,
         text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
         *,
         padding: bool | str = False,
         truncation: bool | str | None = None,
@@ -236,10 +250,12 @@ class Tokenizer:
         """Encode a text or a batch like transformers: ``padding`` False/True/"longest"/"max_length".
 
         As in transformers, ``truncation=None`` with a ``max_length`` and no padding truncates;
-        truncation keeps the BOS and cuts from ``truncation_side`` (right).
+        truncation keeps the BOS and cuts from ``truncation_side`` (right). ``text_pair`` (one text per text)
+        encodes each pair as OPT does: ``</s> A </s> B``. ``return_tensors``: None, "pt" or "np".
         """
         texts, is_batch = _checked_texts(text)
         pad_mode = _padding_mode(padding, max_length)
+        pairs = self._checked_pairs(text_pair, len(texts), is_batch, truncation, max_length, pad_mode)
         if is_batch and not texts and (pad_mode != "do_not_pad" or return_tensors is not None):
             raise InputError("text: empty batch ([]); padding and tensors need at least one text")
         if _should_truncate(truncation, max_length, pad_mode):
@@ -247,6 +263,8 @@ class Tokenizer:
         else:
             limit = None
         rows = [self._truncate(ids, limit, add_special_tokens) for ids in self._encode_texts(texts, add_special_tokens)]
+        if pairs is not None:
+            rows = [first + second for first, second in zip(rows, self._encode_texts(pairs, add_special_tokens))]
         masks = [[1] * len(ids) for ids in rows]
         if pad_mode != "do_not_pad":
             target = max_length if pad_mode == "max_length" else max((len(r) for r in rows), default=0)
@@ -255,6 +273,22 @@ class Tokenizer:
         if return_attention_mask:
             encoding["attention_mask"] = masks
         return _finish(encoding, is_batch, return_tensors)
+
+    @staticmethod
+    def _checked_pairs(text_pair: Any, count: int, is_batch: bool, truncation: Any, max_length: int | None,
+                       pad_mode: str) -> list[str] | None:
+        """The second texts, one per first text; truncating pairs is refused (transformers has several
+        strategies for it; optkit has none yet)."""
+        if text_pair is None:
+            return None
+        pairs, pair_is_batch = _checked_texts(text_pair)
+        if pair_is_batch != is_batch or len(pairs) != count:
+            raise InputError(f"text_pair: pass one second text per text ({count} text(s), got "
+                             f"{len(pairs) if pair_is_batch else 'a single str'}); a str pairs with a str")
+        if _should_truncate(truncation, max_length, pad_mode):
+            raise InputError("truncation of text pairs is not supported; truncate the texts first, or pass "
+                             "truncation=False")
+        return pairs
 
     def _truncate(self, ids: list[int], limit: int | None, add_special_tokens: bool) -> list[int]:
         """Cut the text ids (never the BOS) so the whole row fits in ``limit``."""
@@ -661,16 +695,20 @@ def _should_truncate(truncation: bool | str | None, max_length: int | None, pad_
 
 
 def _finish(encoding: dict[str, list[list[int]]], is_batch: bool, return_tensors: str | None) -> BatchEncoding:
-    """Lists (flat for a single text) or LongTensors of shape (batch, length)."""
+    """Lists (flat for a single text), LongTensors or int64 numpy arrays of shape (batch, length)."""
     if return_tensors is None:
         return BatchEncoding({k: v if is_batch else v[0] for k, v in encoding.items()})
-    if return_tensors != "pt":
-        raise InputError(f"return_tensors must be None or 'pt', got {_short(return_tensors)}")
+    if return_tensors not in ("pt", "np"):
+        raise InputError(f"return_tensors must be None, 'pt' or 'np', got {_short(return_tensors)}")
     lengths = {len(row) for row in encoding["input_ids"]}
     if len(lengths) > 1:
         raise InputError(
             f"cannot make a tensor from sequences of different lengths {sorted(lengths)}; pass padding=True"
         )
+    if return_tensors == "np":
+        import numpy
+
+        return BatchEncoding({k: numpy.array(v, dtype=numpy.int64).reshape(len(v), -1) for k, v in encoding.items()})
     import torch
 
     return BatchEncoding({k: torch.tensor(v, dtype=torch.long).reshape(len(v), -1) for k, v in encoding.items()})

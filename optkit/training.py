@@ -11,7 +11,8 @@ last checkpoint: the same seed gives bitwise the same loss curve on CPU, and a r
 with the same weights as an uninterrupted one.
 
 Checkpoints: ``out_dir`` holds ``config.json`` + ``model.safetensors`` (``save_pretrained``, so
-transformers and ``optkit.from_pretrained`` load it) and ``trainer_state.pt`` (optimizer,
+transformers and ``optkit.from_pretrained`` load it; a model built from plugin components that transformers
+lacks gets optkit's own format, which ``from_pretrained`` loads) and ``trainer_state.pt`` (optimizer,
 scheduler, step, history; only tensors and plain numbers, so ``torch.load(weights_only=True)``
 reads it). Weights and state are one ``save_pretrained`` (``extra_files``): written whole, then
 swapped in with ``config.json`` last, so an interruption never leaves weights and state that disagree.
@@ -290,8 +291,25 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
                     out_dir: Path) -> None:
     """Weights and trainer state as one atomic save (see module doc): never one without the other."""
     payload = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    from optkit.adapters.training import has_adapters, save_adapter_checkpoint
+
+    if has_adapters(model):  # LoRA: the adapter in PEFT's files + the trainer state, never the frozen base
+        return save_adapter_checkpoint(model, payload, out_dir, TRAINER_STATE)
     shutil.rmtree(out_dir / STAGING, ignore_errors=True)  # left by an older optkit's checkpoint writer
     model.save_pretrained(out_dir, extra_files={TRAINER_STATE: lambda path: torch.save(payload, path)})
+
+
+def check_savable(model: nn.Module) -> None:
+    """Raise now what ``save_checkpoint`` would raise at the first checkpoint (nothing is written).
+
+    A model with no transformers equivalent is saved in optkit's own format (optkit.native_checkpoint);
+    what can still fail is found here: weights that are not in memory, a spec that does not survive YAML.
+    """
+    from optkit.adapters.training import has_adapters
+    from optkit.checkpoints import check_savable as check_format
+
+    if not has_adapters(model):  # a LoRA run saves only its adapter, in PEFT's files
+        check_format(model)
 
 
 def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
@@ -302,7 +320,9 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
     path = out_dir / TRAINER_STATE
     if not path.is_file():
         return None
-    if not (out_dir / CONFIG_NAME).is_file():
+    from optkit.adapters.training import is_adapter_checkpoint
+
+    if not (out_dir / CONFIG_NAME).is_file() and not is_adapter_checkpoint(out_dir):
         raise CheckpointError(f"{out_dir} holds a trainer state but no {CONFIG_NAME}: its last checkpoint save was "
                               f"interrupted{interrupted_hint(out_dir)}; restore those files or pass resume=False")
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -348,7 +368,8 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
           weight_decay: float = 0.1, eval_every: int = 200, eval_fraction: float = 0.02, seed: int = 0,
           grad_clip: float = 1.0, gradient_checkpointing: bool = False, resume: bool = True,
           tokenizer: Any = None, eval_corpus: Corpus | None = None, log_every: int = 10,
-          stream: TextIO | None = None, **more_settings: Any) -> TrainResult:
+          stream: TextIO | None = None, fsdp: bool | None = None, mixed_precision: str = "fp32",
+          **more_settings: Any) -> TrainResult:
     """Train a causal LM on ``corpus`` and checkpoint it into ``out_dir``; rerunning resumes.
 
     ``spec_or_model``: a spec / preset name / YAML path (built with ``seed``) or a built model.
@@ -356,22 +377,31 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     (default: the bundled model's). ``eval_corpus`` gives the held-out documents explicitly;
     otherwise ``eval_fraction`` of the documents are held out. Extra keyword settings
     (``min_lr_ratio``, ``eval_windows``, ``save_every``, ``betas``) go to ``TrainConfig``.
+    ``fsdp``: under torchrun (a process group of several ranks) the model is sharded with FSDP2 and
+    checkpointed with torch.distributed.checkpoint into ``out_dir/dcp`` (``None``: when the group has > 1
+    rank or ``out_dir`` holds such a checkpoint; ``True``: also on one rank; ``False``: never);
+    ``mixed_precision`` "fp32" or "bf16" (see optkit.parallel.fsdp and docs/distributed.md).
     """
+    from optkit.parallel.fsdp import sharded_training
+
+    sharded = sharded_training(fsdp, mixed_precision, Path(out_dir) if resume else None)  # type: ignore[arg-type]
     config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, eval_every=eval_every, eval_fraction=eval_fraction, seed=seed,
                          grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing, **more_settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(steps, log_every, stream)
+    progress = Progress(steps, log_every, stream if sharded is None else sharded.stream(stream))
     model = _model(spec_or_model, seed)
+    check_savable(model)  # before step 1: a run never trains for hours to fail at its first checkpoint
     if seq_len > model.spec.decoder.max_positions:
         raise InputError(f"seq_len={seq_len} exceeds the model's {model.spec.decoder.max_positions} positions; "
                          f"train on shorter windows (seq_len / --seq-len <= {model.spec.decoder.max_positions}) or "
                          "use a spec with more decoder.max_positions")
     backend = load_tokenizer(tokenizer if tokenizer is not None else default_tokenizer_dir())
     train_stream, eval_stream = _token_streams(model, backend, corpus, eval_corpus, config, progress)
-    _save_tokenizer_files(tokenizer, backend, out, model)
-    return _run(model, train_stream, eval_stream, config, out, resume, progress)
+    if sharded is None or sharded.is_main:
+        _save_tokenizer_files(tokenizer, backend, out, model)
+    return _run(model, train_stream, eval_stream, config, out, resume, progress, sharded)
 
 
 def _model(spec_or_model: Any, seed: int) -> nn.Module:
@@ -423,12 +453,15 @@ def _save_tokenizer_files(source: Any, backend: Any, out: Path, model: nn.Module
 
 
 def _run(model: nn.Module, train_stream: Tensor, eval_stream: Tensor, config: TrainConfig, out: Path, resume: bool,
-         progress: Progress) -> TrainResult:
+         progress: Progress, sharded: Any = None) -> TrainResult:
     started = time.perf_counter()
     model.train()
     model.gradient_checkpointing_enable(config.gradient_checkpointing)
+    if sharded is not None:  # FSDP2 over the ranks, before the optimizer sees the parameters
+        sharded.shard(model)
     optimizer, scheduler = make_optimizer(model, config)
-    state = _initial_state(model, optimizer, scheduler, config, out, resume, progress)
+    state = (_initial_state(model, optimizer, scheduler, config, out, resume, progress) if sharded is None
+             else sharded.initial_state(model, optimizer, scheduler, out, resume, progress.say))
     result = TrainResult(model=model, out_dir=out, step=state["step"], losses=state["losses"].tolist(),
                          evals=[(int(s), float(p)) for s, p in state["evals"].tolist()],
                          tokens_seen=state["tokens_seen"], resumed_from=state["step"],
@@ -436,7 +469,8 @@ def _run(model: nn.Module, train_stream: Tensor, eval_stream: Tensor, config: Tr
     held_out = eval_windows(eval_stream, seq_len=config.seq_len, max_windows=config.eval_windows)
     save_every = config.save_every or config.eval_every
     while result.step < config.steps:
-        loss, lr, grad_norm = _train_step(model, optimizer, scheduler, train_stream, config, result.step)
+        loss, lr, grad_norm = _train_step(model, optimizer, scheduler, train_stream, config, result.step,
+                                          sharded=sharded)
         result.step += 1
         result.losses.append(loss)
         result.tokens_seen += config.batch_size * config.seq_len
@@ -447,7 +481,10 @@ def _run(model: nn.Module, train_stream: Tensor, eval_stream: Tensor, config: Tr
             progress.say(f"eval step {result.step}: held-out perplexity {result.evals[-1][1]:.3f} "
                          f"({held_out.numel():,} tokens)")
         if result.step % save_every == 0 or last:
-            save_checkpoint(model, optimizer, scheduler, _state_dict(result, config), out)
+            (save_checkpoint if sharded is None else sharded.save)(model, optimizer, scheduler,
+                                                                   _state_dict(result, config), out)
+    if sharded is not None:  # the full weights as a plain checkpoint in out_dir, as single-process training leaves
+        sharded.export(model, out)
     result.wall_time_s = time.perf_counter() - started
     model.eval()
     return result
@@ -460,7 +497,10 @@ def _initial_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     if saved is None:
         empty = torch.zeros(0, dtype=torch.float64)
         return {"step": 0, "losses": empty, "evals": empty.reshape(0, 2), "tokens_seen": 0}
-    _load_weights(model, out)
+    from optkit.adapters.training import restore_adapter
+
+    if not restore_adapter(model, saved, out):  # a LoRA run resumes its adapter; any other run its weights
+        _load_weights(model, out)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scheduler.lr_lambdas[0] = _Schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
@@ -471,20 +511,23 @@ def _initial_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, stream: Tensor,
-                config: TrainConfig, step: int) -> tuple[float, float, float]:
+                config: TrainConfig, step: int, *, sharded: Any = None) -> tuple[float, float, float]:
     """One optimizer step -> (loss, lr used, grad norm); the RNG is reseeded from (seed, step)
-    so dropout is reproducible."""
+    so dropout is reproducible. ``sharded``: this rank takes its slice of the batch (optkit.parallel.fsdp)."""
     batch = sample_windows(stream, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed, step=step)
     torch.manual_seed(_step_seed(config.seed, step))
+    if sharded is not None:
+        batch = sharded.local_batch(batch, _step_seed(config.seed, step))
     loss = model(batch, labels=batch).loss
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    clip = torch.nn.utils.clip_grad_norm_ if sharded is None else sharded.clip_grad_norm_
+    norm = clip(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return loss.item(), lr, norm.item()
+    return (loss.item() if sharded is None else sharded.mean(loss)), lr, norm.item()
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -11,6 +11,9 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# Tests compile afresh and write nothing under ~/.cache; tests/test_compile_cache.py turns the cache on itself.
+os.environ.setdefault("OPTKIT_COMPILE_CACHE", "0")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():

@@ -483,3 +483,79 @@ def test_from_pretrained_adds_or_loads_adapters(tmp_path):
         assert torch.allclose(loaded(ids).logits, tuned(ids).logits, atol=1e-6)
     with pytest.raises(optkit.InputError, match="device_map"):
         optkit.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter", device_map="auto")
+
+
+# -- the spec's `adapters:` block and the model's PEFT-style methods -----------------------------------------
+ADAPTERS_YAML = """\
+extends: opt-tiny
+adapters:
+  r: 4
+  alpha: 8
+  dropout: 0.05
+  target_modules: [q_proj, fc1]
+  use_rslora: true
+  name: tuned
+"""
+
+
+def test_yaml_adapters_block_is_built_and_round_trips_through_spec_show(tmp_path, capsys):
+    from optkit.cli import main
+
+    path = tmp_path / "lora.yaml"
+    path.write_text(ADAPTERS_YAML)
+    spec = optkit.load_spec(path)
+    assert spec.adapters is not None and spec.adapters.target_modules == ["q_proj", "fc1"]
+    assert main(["spec", "show", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "adapters:\n  r: 4\n  alpha: 8.0\n  dropout: 0.05\n" in shown
+    assert optkit.spec.spec_from_yaml(shown) == spec
+    assert "adapters" not in optkit.load_spec("opt-tiny").to_yaml()  # no block: the spec prints as before
+    model = optkit.build(path)
+    assert adapter_names(model) == ["tuned"]
+    wrapped = lora_paths(model)
+    assert wrapped == [f"decoder.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.fc1")]
+    layer = model.get_submodule(wrapped[0])
+    assert layer.settings["tuned"] == optkit.adapters.LoRASettings(4, 8.0, 0.05, True)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def lora_paths(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+
+
+def test_yaml_adapters_block_errors_name_the_field_or_list_the_targets(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("extends: opt-tiny\nadapters: {r: 0, alpha: 8, lora_alpha: 8, target_modules: []}\n")
+    with pytest.raises(optkit.SpecValidationError) as error:
+        optkit.load_spec(path)
+    message = str(error.value)
+    assert "adapters.r: Input should be greater than 0" in message
+    assert "adapters.lora_alpha: unknown field" in message and "adapters.target_modules: List should have" in message
+    path.write_text("extends: opt-tiny\nadapters: {r: 2, alpha: 4, target_modules: [q_proj, query]}\n")
+    with pytest.raises(optkit.InputError, match=r"unknown name\(s\) \['query'\]; the projections of this opt model "
+                                                r"are q_proj, k_proj, v_proj, out_proj, fc1, fc2"):
+        optkit.build(path)
+    path.write_text("extends: opt-tiny\nadapters: {r: 2, alpha: 4, target_modules: all-linear}\n")
+    assert len(lora_paths(optkit.build(path))) == 12
+
+
+def test_model_methods_work_the_way_peft_users_expect(tmp_path):
+    model = tiny_opt()
+    ids, mask = batch(seed=12)
+    base = logits(model, ids, mask)
+    assert model.add_adapter(r=2, alpha=4) is model and model.add_adapter("b", r=3, alpha=3, target_modules="fc2")
+    randomize_adapters(model)
+    with_default = logits(model, ids, mask)
+    model.set_adapter("b")
+    with_b = logits(model, ids, mask)
+    model.merge_adapters()
+    assert lora_paths(model) and torch.allclose(logits(model, ids, mask), with_b, atol=1e-5)
+    model.unmerge_adapters()
+    model.set_adapter(None)
+    assert torch.allclose(logits(model, ids, mask), base, atol=1e-5)
+    model.save_adapter(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "b" / "adapter_model.safetensors").is_file()
+    other = tiny_opt().load_adapter(tmp_path)
+    assert torch.allclose(logits(other, ids, mask), with_default, atol=1e-6)
+    with pytest.raises(optkit.InputError, match=r"adapters: unknown key\(s\) \['rank'\]"):
+        model.add_adapter("c", rank=2, alpha=2)

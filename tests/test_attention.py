@@ -73,9 +73,12 @@ def test_reduced_precision_close_to_fp32_eager_and_never_nan(backend, dtype, cas
     if backend not in usable_backends("cpu", dtype):
         pytest.skip(f"{backend} does not run {dtype} on CPU")
     q, k, v, mask = make_inputs(case, dtype)
-    got = kernel(backend)(q, k, v, mask, scale=1.0).output
+    # the models' scale, head_dim ** -0.5: with scale 1 the scores of unit-variance inputs grow with head_dim and a
+    # 16-bit score's rounding alone moves the softmax by more than any fixed tolerance (head_dim 80: 0.086)
+    scale = case[2] ** -0.5
+    got = kernel(backend)(q, k, v, mask, scale=scale).output
     assert torch.isfinite(got).all()
-    expected = kernel("eager")(q.float(), k.float(), v.float(), mask, scale=1.0).output
+    expected = kernel("eager")(q.float(), k.float(), v.float(), mask, scale=scale).output
     assert (got.float() - expected).abs().max() <= DTYPE_ATOL[dtype] * 4
 
 

@@ -22,6 +22,8 @@ flash (optkit 0.1.0) [ok]
     attention: flash
 int8 (optkit 0.1.0) [ok]
     linear: int8
+    linear: nf4
+    linear: fp4
 llama_components (optkit 0.1.0) [ok]
     checkpoint_format: open-llama
     norm: rmsnorm
@@ -109,7 +111,7 @@ def test_plugins_json(capsys):
         (name, "optkit", "0.1.0", "ok", "") for name in ("eager", "flash", "int8", "llama_components", "onednn", "sdpa",
                                                          "torch_components", "xformers")]
     by_name = {p["name"]: p["components"] for p in data}
-    assert by_name["sdpa"] == ["attention:sdpa"] and by_name["int8"] == ["linear:int8"]
+    assert by_name["sdpa"] == ["attention:sdpa"] and by_name["int8"] == ["linear:int8", "linear:nf4", "linear:fp4"]
     assert by_name["torch_components"][-2:] == ["head:sequence_classification", "head:question_answering"]
 
 
@@ -132,7 +134,7 @@ def test_info(capsys):
     assert first.startswith("torch ") and first.endswith("; checking cpu/bfloat16")
     lines = rest.splitlines()
     gpu = [line for line in lines if line.split()[1] in ("flash", "xformers")]
-    optional = (" int8 ", " onednn ")  # usable or not depending on the libraries and torch build
+    optional = (" int8 ", " nf4 ", " fp4 ", " onednn ")  # usable or not depending on the libraries and torch build
     assert [line for line in lines if line not in gpu and not any(o in line for o in optional)] == INFO.splitlines()
     assert len(gpu) == 2 and all("unavailable: device cpu (supported: cuda)" in line for line in gpu)
 
@@ -196,6 +198,7 @@ def test_presets(capsys):
         "opt-66b (aliases: facebook/opt-66b)",
         "opt-175b (aliases: facebook/opt-175b)",
         "opt-tiny",
+        "optkit-default",
         "opt-tiny-350m-style",
         "open-llama-7b",
         "open-llama-tiny",

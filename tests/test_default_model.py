@@ -55,10 +55,12 @@ def model(request):
 
 
 def greedy(model, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
-    """Prompt + greedy ids from optkit's generate (stops at the model's EOS, like transformers)."""
+    """Prompt + plain greedy ids from optkit's generate (stops at the model's EOS, like transformers): the
+    weights' own continuation, with the repetition settings of the bundled generation_config.json turned off."""
     from optkit.generation import generate
 
-    return generate(model, input_ids, max_new_tokens=new_tokens, do_sample=False)
+    return generate(model, input_ids, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0,
+                    no_repeat_ngram_size=0)
 
 
 @torch.no_grad()
@@ -128,7 +130,8 @@ def test_transformers_reads_the_bundled_files_and_agrees(tokenizer):
             expected = hf_model.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), max_new_tokens=NEW_TOKENS,
                                          do_sample=False, pad_token_id=hf_tokenizer.pad_token_id)
             torch.testing.assert_close(ours(hf_ids).logits, hf_model(hf_ids).logits, rtol=1e-4, atol=1e-4)
-        assert greedy(ours, hf_ids).tolist() == expected.tolist(), prompt
+        # both follow the bundled generation_config.json (repetition settings included)
+        assert ours.generate(hf_ids, max_new_tokens=NEW_TOKENS, do_sample=False).tolist() == expected.tolist(), prompt
 
 
 INT8_MARGIN = 1.10  # LLM.int8 may cost a little perplexity; stated margin over the fp32 bound

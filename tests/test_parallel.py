@@ -333,7 +333,8 @@ def test_tp_size_must_divide_heads_widths_and_vocabulary(tp_size):
 
 def test_a_vocabulary_that_does_not_split_names_its_size_and_says_it_is_not_padded():
     with pytest.raises(optkit.InputError, match="tp_size 2 does not divide the vocabulary of 501 rows in "
-                                                "'decoder.embed_tokens'.*valid tp_size for this model: 1 -- optkit does not pad"):
+                                                "'decoder.embed_tokens'.*valid tp_size for this model: 1 "
+                                                "-- optkit does not pad"):
         tensor_parallel_plan(_opt({"extends": "opt-tiny", "decoder": {"vocab_size": 501}}), 2)
 
 
@@ -349,3 +350,45 @@ def test_from_pretrained_tp_size_outside_a_process_group_says_how_to_launch(tmp_
         optkit.from_pretrained(tmp_path / "ckpt", tp_size=2)
     with pytest.raises(optkit.InputError, match="cannot be combined"):
         optkit.from_pretrained(tmp_path / "ckpt", tp_size=2, device_map="auto")
+
+
+def test_the_docs_memory_table_is_the_computed_one():
+    from optkit.parallel.memory_table import markdown_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    shown = docs.split("<!-- tp-memory-table -->\n", 1)[1].split("\n<!-- /tp-memory-table -->", 1)[0]
+    assert shown == markdown_table(), "regenerate it: python -m optkit.parallel.memory_table"
+
+
+def test_int8_counts_a_byte_per_weight_and_a_scale_per_row_held():
+    model = optkit.build("opt-tiny", device="meta")
+    fc1, fc2 = model.decoder.layers[0].mlp.fc1, model.decoder.layers[0].mlp.fc2
+    whole = planned_parameter_bytes(model, 1, "int8")
+    split = planned_parameter_bytes(model, 2, "int8")
+    assert whole - split >= fc1.weight.numel() // 2 + fc1.out_features // 2 * 4 + fc2.weight.numel() // 2
+    assert planned_parameter_bytes(model, 2, "float16") == planned_parameter_bytes(model, 2, None) // 2
+
+
+# -- the conformance kit's tensor-parallel check ---------------------------------------------------------
+def test_the_example_third_party_attention_plugin_passes_the_tensor_parallel_check():
+    from optkit.testing import check_tensor_parallel
+
+    plugin = load_example_plugin("third_party_attention_plugin/optkit_chunked_attention", "optkit_chunked_attention")
+    check_tensor_parallel({"extends": "opt-tiny", "decoder": {"attention": {"name": "chunked",
+                                                                            "params": {"chunk_size": 3}}}},
+                          plugins=[plugin], timeout=120)
+
+
+def _undeclared_mlp_model() -> optkit.Model:
+    model = _opt("opt-tiny")
+    for layer in model.decoder.layers:
+        layer.mlp = UndeclaredMLP(64)
+    return model
+
+
+def test_the_tensor_parallel_check_names_a_component_without_a_plan_before_spawning():
+    from optkit.testing import check_tensor_parallel
+
+    with pytest.raises(optkit.InputError, match="UndeclaredMLP at 'decoder.layers.0.mlp'.*Implement "
+                                                "optkit.interfaces.TensorParallel"):
+        check_tensor_parallel(_undeclared_mlp_model, timeout=5)

@@ -216,7 +216,12 @@ def test_streamed_layers_keep_their_cache_and_a_streaming_slot_on_the_compute_de
     assert gpu.kv_cache_bytes == 96 * kv_per_layer and cpu.kv_cache_bytes == disk.kv_cache_bytes == 0
     hidden, ffn = 12288, 49152
     layer_bytes = 2 * (4 * (hidden * hidden + hidden) + 2 * hidden * ffn + ffn + hidden + 4 * hidden)
-    assert gpu.streaming_bytes == layer_bytes  # room for one streamed layer (the input units are resident)
+    # room for two streamed layers, the one computing and the next, prefetched (the input units are resident)
+    assert gpu.streaming_bytes == 2 * layer_bytes
+    on_cpu = plan("opt-tiny", max_memory={"cpu": "1GiB", "disk": "1GiB"},
+                  device_map={"": "cpu", "decoder.layers": "disk"})
+    cpu_plan, disk_plan = on_cpu.devices
+    assert cpu_plan.streaming_bytes == disk_plan.weight_bytes // 2  # the cpu computes: no prefetch, one layer
     assert gpu.total_bytes <= parse_size("80GiB")
     assert result.fits and {d.device for d in result.devices} == {0, "cpu", "disk"}
 

@@ -282,7 +282,7 @@ def test_installed_first_party_entry_points(registry):
         ("torch_components", "optkit", "ok"), ("xformers", "optkit", "ok")]
     assert {(r.kind, r.name) for r in registry.registrations()} == {
         ("attention", "eager"), ("attention", "sdpa"), ("attention", "flash"), ("attention", "xformers"),
-        ("linear", "torch"), ("linear", "int8"), ("linear", "onednn"),
+        ("linear", "torch"), ("linear", "int8"), ("linear", "nf4"), ("linear", "fp4"), ("linear", "onednn"),
         ("norm", "layernorm"), ("norm", "rmsnorm"),
         ("mlp", "ffn"), ("mlp", "gated"),
         ("token_embedding", "learned"), ("token_embedding", "stable"),

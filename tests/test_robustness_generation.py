@@ -233,11 +233,11 @@ def test_transformers_generation_config_json_loads(tmp_path):
 
 
 def test_opt_125m_generation_config_loads(tmp_path):
-    """facebook/opt-125m's file: metadata and bos_token_id are dropped (no effect on generate from ids)."""
+    """facebook/opt-125m's file: metadata is dropped; bos_token_id is kept (as transformers keeps it)."""
     path = tmp_path / "generation_config.json"
     path.write_text(json.dumps({"_from_model_config": True, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
                                 "transformers_version": "4.27.0.dev0"}))
-    assert GenerationConfig.from_file(path) == GenerationConfig(eos_token_id=2, pad_token_id=1)
+    assert GenerationConfig.from_file(path) == GenerationConfig(eos_token_id=2, pad_token_id=1, bos_token_id=2)
 
 
 @pytest.mark.parametrize("data, message", [

@@ -20,7 +20,7 @@ from optkit_torch_components.layers import FeedForwardParams
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PRESETS = ("opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b, opt-tiny, "
-           "opt-tiny-350m-style, open-llama-7b, open-llama-tiny, open-llama-tiny-v2-style")
+           "optkit-default, opt-tiny-350m-style, open-llama-7b, open-llama-tiny, open-llama-tiny-v2-style")
 ACTIVATIONS = typing.get_args(FeedForwardParams.model_fields["activation"].annotation)
 PROBLEM_TYPES = typing.get_args(typing.get_args(SequenceClassificationParams.model_fields["problem_type"].annotation)[0])
 FLSH = "unknown attention 'flsh' (available: eager, flash, sdpa, xformers); did you mean 'flash'?"

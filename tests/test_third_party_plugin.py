@@ -224,7 +224,8 @@ def test_optkit_plugins_lists_it(installed):
     assert "chunked (optkit-chunked-attention 0.1.0) [ok]\n    attention: chunked\n" in installed["plugins_text"]
     (record,) = [p for p in installed["plugins_json"] if p["name"] == "chunked"]
     assert record == {"name": "chunked", "distribution": "optkit-chunked-attention", "version": "0.1.0",
-                      "status": "ok", "reason": "", "components": ["attention:chunked"], "unusable": {}}
+                      "status": "ok", "reason": "", "components": ["attention:chunked"], "unusable": {},
+                      "overrides": {}}
 
 
 @pytest.mark.slow  # a pip install into a fresh virtual environment
@@ -245,9 +246,11 @@ def test_yaml_spec_chooses_it_with_params(installed):
 def test_block_plugins_makes_it_unknown(plugin_venv):
     result = _json(plugin_venv.run("-c", BLOCKED, env={"OPTKIT_BLOCK_PLUGINS": "chunked"}))
     assert result["plugins"]["chunked"] == "blocked"
-    available = result["get"].removeprefix("unknown attention 'chunked' (available: ").split(")")[0].split(", ")
-    assert "eager" in available and "chunked" not in available, result["get"]
-    assert "decoder.attention: unknown attention 'chunked'" in result["build"]
+    assert result["get"] == ("unknown attention 'chunked': it is provided by plugin 'chunked' (optkit-chunked-attention "
+                             "0.1.0), which is blocked (listed in OPTKIT_BLOCK_PLUGINS); remove it from "
+                             "OPTKIT_BLOCK_PLUGINS to use it"), result["get"]
+    assert "decoder.attention: unknown attention 'chunked': it is provided by plugin 'chunked'" in result["build"]
+    assert "did you mean" not in result["build"]
 
 
 @pytest.mark.slow  # a pip install into a fresh virtual environment

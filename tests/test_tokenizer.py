@@ -347,7 +347,7 @@ def test_ragged_tensors_are_refused(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match="padding=True"):
         tok(["a", "Hello world"], return_tensors="pt")
     with pytest.raises(ValueError, match="return_tensors"):
-        tok("a", return_tensors="np")
+        tok("a", return_tensors="tf")
     with pytest.raises(ValueError, match="max_length"):
         tok(["a"], padding="max_length")
 

@@ -74,7 +74,7 @@ def resolve_targets(model: Model, target_modules: str | Sequence[str]) -> list[s
     """Module paths for ``target_modules`` (checkpoint names, or ``"all-linear"``); an unknown name is an
     InputError listing the valid ones."""
     linears = layer_linears(model)
-    if target_modules == ALL_LINEAR:
+    if target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:  # a spec gives it as a list of one
         return list(linears)
     wanted = [target_modules] if isinstance(target_modules, str) else target_modules
     if not isinstance(wanted, Sequence) or not wanted or not all(isinstance(n, str) for n in wanted):
@@ -239,18 +239,15 @@ def unload_adapters(model: Model) -> Model:
 
 @contextmanager
 def rewiring(model: Model) -> Iterator[None]:
-    """Swap modules safely: a prepared model (stacked q/k/v read the projections' weights directly) is
-    restored first and prepared again after; kept decode steps are dropped either way."""
-    from optkit.inference import is_prepared, prepare, restore
+    """Swap modules safely: kept decode steps (captured graphs, compiled steps) are dropped after.
 
-    prepared = is_prepared(model)
-    if prepared:
-        restore(model)
+    A prepared model needs nothing more: its attention blocks check that q/k/v are still the modules they
+    stacked and fall back to the reference projections when one was wrapped or replaced
+    (``optkit.inference.attention``), so the adapters room never reaches into the inference room."""
     try:
         yield
     finally:
-        if prepared:
-            prepare(model)
+        _drop_kept_steps(model)
 
 
 def _drop_kept_steps(model: Model) -> None:

@@ -63,8 +63,12 @@ def merge_refusal(base: nn.Module) -> str | None:
 
     A :class:`MergeableLinear` hands out and takes back a float weight; plain ``nn.Linear`` (and the
     :class:`StackableLinear` family, whose weights are ordinary ``nn.Linear`` weights) is written in place.
-    Anything else -- the int8 linear among them -- stores its weight in a way the adapter may not assume.
+    Anything else -- the int8 linear among them -- stores its weight in a way the adapter may not assume. A base
+    with a ``merge_refusal_reason`` string (the 4-bit linears) refuses with that reason.
     """
+    own = getattr(base, "merge_refusal_reason", None)  # a base that knows why it refuses (e.g. 4-bit) says so
+    if isinstance(own, str):
+        return own
     if isinstance(base, MergeableLinear) or type(base) is nn.Linear or isinstance(base, StackableLinear):
         return None
     return (f"its base {type(base).__name__} does not implement optkit.interfaces.MergeableLinear "

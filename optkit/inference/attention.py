@@ -94,6 +94,9 @@ class PreparedAttention(Attention):
         weight, bias, layer = self._stacked
         if torch.compiler.is_compiling():  # checked eagerly before compiling
             return layer
+        if any(type(part) is not type(layer) for part in (self.q_proj, self.k_proj, self.v_proj)):
+            self.__dict__["_stacked"] = None  # a projection was wrapped (an adapter) or replaced
+            return None
         for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
             if part.weight.data_ptr() != weight[offset].data_ptr() or \
                     (bias is not None and part.bias.data_ptr() != bias[offset:].data_ptr()):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from optkit import torch_internals
+from optkit.inference.compile_cache import CachedStep, compiler_version
 from optkit.inference.decode_graph import DecodeStep
 
 # torch.compile keeps its compilations per code object and gives up after a few (8 by default):
@@ -33,7 +35,8 @@ def compile_step() -> Callable[[DecodeStep], Tensor]:
     """
     options = {"recompile_limit": RECOMPILE_LIMIT} \
         if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
-    return torch.compile(DecodeStep._step, dynamic=False, backend=inductor_with_gemv, **options)
+    compiled = torch.compile(DecodeStep._step, dynamic=False, backend=inductor_with_gemv, **options)
+    return CachedStep(compiled)  # loads / saves the compilation under the user cache directory
 
 
 def inductor_with_gemv(graph: torch.fx.GraphModule, example_inputs):
@@ -46,11 +49,17 @@ def inductor_with_gemv(graph: torch.fx.GraphModule, example_inputs):
     patches = {"coordinate_descent_tuning": True}
     if not torch_internals.available("inductor_decompositions"):  # inductor's own table only: plain products
         return torch_internals.inductor_compile(graph, example_inputs, decompositions=None, config_patches=patches)
-    table = torch_internals.inductor_decompositions()
+    return torch_internals.inductor_compile(graph, example_inputs, decompositions=gemv_decompositions(),
+                                            config_patches=patches)
+
+
+def gemv_decompositions() -> KeyedDecompositions:
+    """Inductor's decompositions with the one-row products below; keyed so inductor's cache stays on."""
+    table = KeyedDecompositions(torch_internals.inductor_decompositions())
     table[torch.ops.aten.addmm.default] = _addmm_one_row(table.get(torch.ops.aten.addmm.default))
     table[torch.ops.aten.mm.default] = _mm_one_row(table.get(torch.ops.aten.mm.default))
     table[torch.ops.aten.bmm.default] = _bmm_one_row(table.get(torch.ops.aten.bmm.default))
-    return torch_internals.inductor_compile(graph, example_inputs, decompositions=table, config_patches=patches)
+    return table
 
 
 def _once(rows: Tensor) -> Tensor:
@@ -102,3 +111,29 @@ def _addmm_one_row(fallback):
         return NotImplemented if fallback is None else fallback(bias, rows, weight_t, beta=beta, alpha=alpha)
 
     return addmm
+
+
+# -- making optkit's backend cacheable ----------------------------------------------------------------
+class KeyedDecompositions(dict):
+    """A decomposition table inductor can put in its cache key.
+
+    Inductor pickles the table to key its FX-graph cache; optkit's closures and some of inductor's own
+    entries do not pickle, so the cache was bypassed on every compile. This table pickles (for the key
+    only) as the hash of the module that builds it: the key changes when that code changes.
+    """
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[str]]:
+        return _decompositions_by_version, (compiler_version(),)
+
+    def __copy__(self) -> KeyedDecompositions:
+        return KeyedDecompositions(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KeyedDecompositions:
+        return KeyedDecompositions(self)  # the functions themselves are shared, as copy.deepcopy does
+
+
+def _decompositions_by_version(version: str) -> dict[Any, Any]:
+    """The table again, when inductor unpickles a cached graph built with this version of it."""
+    if version != compiler_version():  # inductor counts a failed load as a miss and compiles afresh
+        raise RuntimeError(f"optkit's compile backend changed ({version} -> {compiler_version()})")
+    return gemv_decompositions()

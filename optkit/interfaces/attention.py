@@ -24,7 +24,7 @@ def is_power_of_two(scale: float) -> bool:
 
 class AttentionResult(NamedTuple):
     output: Tensor  # (batch, heads, q_len, head_dim)
-    weights: Tensor | None  # (batch, heads, q_len, kv_len) when requested and supported
+    weights: Tensor | None  # (batch, heads, q_len, kv_len) when requested and supported; after dropout
 
 
 class AttentionKernel(nn.Module, ABC):
@@ -35,6 +35,11 @@ class AttentionKernel(nn.Module, ABC):
     prepared block (``optkit.inference``) passes ``head_dim**-0.5`` instead when that is a power of
     two (bit-identical), and ``query_scaling: scores`` specs always pass it.
     Fully masked query rows must come out as zeros, never NaN.
+
+    ``need_weights=True`` (only when the registration declares ``attention_weights``): return the
+    probabilities *after* dropout, the tensor that multiplies v -- eager's (and transformers' eager OPT's)
+    behaviour; with ``dropout_p > 0`` the kept ones carry the 1/(1-p) scale. Subclass it (checked with
+    ``isinstance``); a kernel owns no parameters.
     """
 
     name: str = "?"

@@ -15,7 +15,8 @@ class KVCache(ABC):
 
     ``update`` stores the new keys/values of one layer and returns everything that
     layer's queries attend over. The past length advances per layer, so every layer of
-    one forward sees the same offset.
+    one forward sees the same offset. Subclass it (checked with ``isinstance`` when a cache is made);
+    a cache with a ``max_length`` raises ``InputError`` when an update does not fit.
     """
 
     @abstractmethod
@@ -62,7 +63,8 @@ class KVCache(ABC):
 
 
 class KVCacheFactory(Protocol):
-    """What a ``kv_cache`` registration builds: a recipe for fresh caches.
+    """What a ``kv_cache`` registration builds: a recipe for fresh caches. Every call returns a new, empty
+    ``KVCache`` that shares no storage with earlier ones (the conformance kit checks this).
 
     ``layer_devices`` (one per layer) is where each layer computes when a device map spreads the model
     (``Model.new_cache`` passes it for a dispatched model); a cache keeps each layer's keys and values

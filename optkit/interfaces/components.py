@@ -1,4 +1,16 @@
-"""Interfaces of the parameter-owning components: embeddings, norm, MLP, linear, head."""
+"""Interfaces of the parameter-owning components: embeddings, norm, MLP, linear, head.
+
+Must a plugin subclass? For ``token_embedding``, ``positional_embedding``, ``mlp``, ``block`` and ``head``,
+yes: ``BuildContext.create`` checks ``isinstance`` against these ABCs (they are ``nn.Module`` subclasses).
+``norm`` and ``linear`` registrations return *factories* (``NormFactory``, ``LinearFactory``); the modules
+those make are checked to be ``nn.Module`` s of the right width, and subclassing ``Norm`` is recommended.
+
+Weights: the core never initialises a plugin's parameters. A factory creates them initialised (optkit's own
+use ``normal(0, ctx.decoder.init_std)`` for matrices, zeros for biases, ones for norm weights), in float32
+and on no particular device: ``optkit.build`` runs factories under ``torch.device(device)`` and casts the
+model to its dtype afterwards; ``from_pretrained`` builds on "meta" and fills every parameter from the
+checkpoint. Parameter names are checkpoint keys. docs/writing-a-plugin.md, "Components of the other kinds".
+"""
 
 from __future__ import annotations
 
@@ -10,7 +22,11 @@ from torch import Tensor, nn
 
 
 class TokenEmbedding(nn.Module, ABC):
-    """Token ids -> vectors. ``weight`` is the matrix a tied LM head reuses."""
+    """Token ids ``(batch, length)`` -> vectors ``(batch, length, embedding_dim)`` in the model's dtype.
+
+    ``weight`` ``(vocab_size, embedding_dim)`` is the matrix a tied LM head reuses; ``embedding_dim``
+    must equal the spec's ``embed_dim`` (checked at build). Subclass it (checked with ``isinstance``).
+    """
 
     weight: nn.Parameter
     embedding_dim: int
@@ -26,8 +42,9 @@ class TokenEmbedding(nn.Module, ABC):
 class PositionalEmbedding(nn.Module, ABC):
     """Positions enter either added to the hidden states or rotated into q/k.
 
-    ``position_ids`` are 0-based positions of real tokens (-1 for padding slots,
-    as transformers computes them from the attention mask).
+    ``position_ids`` ``(batch, length)`` are 0-based positions of real tokens, including the cache offset
+    (-1 for padding slots, as transformers computes them from the attention mask). Subclass it (checked
+    with ``isinstance``) and override ``additive`` and/or ``rotate``; the defaults add and rotate nothing.
     """
 
     max_positions: int | None = None
@@ -42,11 +59,13 @@ class PositionalEmbedding(nn.Module, ABC):
         return None
 
     def additive(self, position_ids: Tensor) -> Tensor | None:
-        """Vectors added to the token embeddings, or None."""
+        """Vectors ``(batch, length, hidden_size)`` (or broadcastable to it) added to the token embeddings
+        after ``project_in``, or None. The core casts them to the hidden states' dtype."""
         return None
 
     def rotate(self, query: Tensor, key: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Position-dependent transform of q/k before the cache (identity by default)."""
+        """Position-dependent transform of q/k ``(batch, heads, length, head_dim)`` before they enter the
+        KV cache (identity by default); return both in their shapes and dtype."""
         return query, key
 
 
@@ -72,17 +91,29 @@ class DecoderBlock(nn.Module, ABC):
 
 
 class Norm(nn.Module, ABC):
+    """``(..., dim) -> (..., dim)`` in the input dtype. Made by a ``NormFactory`` (the ``norm`` registration
+    returns the factory); subclassing is recommended, not checked (an ``nn.Module`` of the right width is)."""
+
     @abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...
 
 
 class MLP(nn.Module, ABC):
+    """``(batch, length, hidden_size) -> (batch, length, hidden_size)`` in the input dtype, called by each block
+    after the attention residual. Subclass it (checked with ``isinstance``); build the projections with
+    ``ctx.linear`` so the spec's ``linear`` (int8, oneDNN, ...) applies to them, and hold no state between calls."""
+
     @abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...
 
 
 class LinearFactory(Protocol):
-    """Builds one projection. Quantized backends (int8) plug in here."""
+    """Builds one projection. Quantized backends (int8) plug in here.
+
+    The layer it returns is an ``nn.Module`` computing ``x W^T + b`` on ``(..., in_features)`` with
+    ``in_features`` / ``out_features`` attributes equal to the arguments (checked when ``ctx.linear`` builds
+    it; adapters and tensor parallelism read them). No base class is required.
+    """
 
     def __call__(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module: ...
 
@@ -113,6 +144,8 @@ class StackableLinear(nn.Linear):
 
 
 class NormFactory(Protocol):
+    """What a ``norm`` registration returns: called once per norm with ``dim`` (the hidden size)."""
+
     def __call__(self, dim: int) -> Norm: ...
 
 

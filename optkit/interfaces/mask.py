@@ -122,7 +122,9 @@ class AttentionMask:
         return not bool(self.query_has_keys.all())
 
     def additive(self, dtype: torch.dtype) -> Tensor:
-        """Float mask: 0 where allowed, ``finfo(dtype).min`` elsewhere (transformers' eager form).
+        """Float mask **in** ``dtype``, shape ``(batch or 1, 1, q_len, kv_len)``: 0 where allowed,
+        ``finfo(dtype).min`` elsewhere (transformers' eager form). Pass the scores' dtype, add it to the
+        scores; fully masked rows still need zeroing after softmax.
 
         Computed once per dtype and shared by all layers (a boolean mask is converted by SDPA in every call).
         """

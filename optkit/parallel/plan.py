@@ -197,19 +197,52 @@ def tensor_parallel_plan(model: Model, tp_size: int) -> TensorParallelPlan:
     return plan
 
 
-def planned_parameter_bytes(model: Model, tp_size: int) -> int:
+def split_dims(model: Model, plan: TensorParallelPlan) -> dict[str, int | None]:
+    """Every parameter name (tied ones under each name) -> the dimension a rank keeps a slice of, or None
+    for a parameter every rank holds whole.
+
+    Column-split linears split weight and bias by output rows (dim 0), row-split ones the weight by input
+    columns (dim 1) and keep the bias whole, vocabulary tables their own weight by rows (dim 0).
+    """
+    dims: dict[str, int | None] = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        module_path, _, leaf = name.rpartition(".")
+        covering = plan.covering(module_path)
+        style = plan.styles[covering] if covering is not None else "replicate"
+        own_weight = module_path == covering and leaf == "weight"
+        if style == "colwise":
+            dims[name] = 0
+        elif style == "rowwise" and own_weight:
+            dims[name] = 1
+        elif style == "vocab" and own_weight:
+            dims[name] = 0
+        else:
+            dims[name] = None
+    return dims
+
+
+def planned_parameter_bytes(model: Model, tp_size: int, dtype: str | None = None) -> int:
     """Parameter bytes one rank will hold after the split (works on a model built on the meta device).
 
     Column-split linears keep 1/tp of weight and bias, row-split ones 1/tp of the weight and the whole bias,
     vocabulary tables 1/tp of their rows; everything else is held whole. A tied table counts once.
+    ``dtype``: count as ``optkit plan`` does for "float16", "bfloat16", "float32" or "int8" (a linear's weight
+    1 byte per element plus an fp32 scale per output row it holds, the rest fp16) instead of the model's own.
     """
-    plan = tensor_parallel_plan(model, tp_size)
-    total = 0
-    for name, param in model.named_parameters():
-        module_path, _, leaf = name.rpartition(".")
-        covering = plan.covering(module_path)
-        style = plan.styles[covering] if covering is not None else "replicate"
-        own = module_path == covering
-        split = style == "colwise" or (own and leaf == "weight" and style in ("rowwise", "vocab"))
-        total += param.numel() * param.element_size() // (tp_size if split else 1)
-    return total
+    dims = split_dims(model, tensor_parallel_plan(model, tp_size))
+    return sum(_share_bytes(model.get_submodule(name.rpartition(".")[0]), param, dtype, tp_size, dims[name])
+               for name, param in model.named_parameters())
+
+
+def _share_bytes(module: nn.Module, param: nn.Parameter, dtype: str | None, parts: int, dim: int | None) -> int:
+    """The bytes of one rank's part of ``param`` (``dim``: the split dimension, None when held whole)."""
+    if dtype is None:
+        return param.numel() * param.element_size() // (parts if dim is not None else 1)
+    from optkit.placement.units import INT8, INT8_SCALE_BYTES, tensor_bytes
+
+    if dim is None:
+        return tensor_bytes(module, param, dtype)
+    if dtype == INT8 and isinstance(module, nn.Linear) and param is module.weight:
+        rows = module.out_features // parts if dim == 0 else module.out_features  # a scale per row held
+        return param.numel() // parts + rows * INT8_SCALE_BYTES
+    return tensor_bytes(module, param, dtype) // parts

@@ -27,7 +27,7 @@ def torchrun_hint(tp_size: int | None) -> str:
             f"torch.distributed.init_process_group() first: backend 'gloo' on CPU, 'nccl' on CUDA)")
 
 
-def _mesh_for(model: Model, tp_size: int | None, mesh: DeviceMesh | None) -> DeviceMesh:
+def _mesh_for(device_type: str, tp_size: int | None, mesh: DeviceMesh | None) -> DeviceMesh:
     """The 1-D tensor-parallel mesh: the one given, or every rank of the default process group."""
     if mesh is not None:
         if mesh.ndim != 1:
@@ -36,15 +36,15 @@ def _mesh_for(model: Model, tp_size: int | None, mesh: DeviceMesh | None) -> Dev
         if tp_size is not None and mesh.size() != tp_size:
             raise InputError(f"tp_size {tp_size} does not match the mesh of {mesh.size()} ranks; "
                              "pass one of the two, or both equal")
-        if mesh.device_type != model.device.type:
-            raise InputError(f"the mesh is on '{mesh.device_type}' but the model is on '{model.device.type}'; "
+        if mesh.device_type != device_type:
+            raise InputError(f"the mesh is on '{mesh.device_type}' but the model is on '{device_type}'; "
                              f"move the model to this rank's device first (model.to(...))")
         return mesh
     world = dist.get_world_size()
     if tp_size is not None and tp_size != world:
         raise InputError(f"tp_size {tp_size} but the process group has {world} ranks: launch "
                          f"{torchrun_hint(tp_size)}, or pass mesh= with a {tp_size}-rank dimension")
-    return init_device_mesh(model.device.type, (world,))
+    return init_device_mesh(device_type, (world,))
 
 
 def _check_model(model: Model) -> None:
@@ -67,6 +67,18 @@ def parallelize(model: Model, tp_size: int | None = None, mesh: DeviceMesh | Non
     A prepared model (``optkit.inference.prepare``, as ``from_pretrained`` returns it) is restored to the
     plain blocks first: stacked q/k/v cannot be split as three projections.
     """
+    mesh, plan = split_target(model, tp_size, mesh, model.device.type)
+    if is_prepared(model):
+        restore(model)
+    apply_plan(model, plan, mesh)
+    return model
+
+
+def split_target(model: Model, tp_size: int | None, mesh: DeviceMesh | None,
+                 device_type: str) -> tuple[DeviceMesh, TensorParallelPlan]:
+    """The mesh and the checked plan to split ``model`` over (its weights may still be on "meta"); every
+    error -- a model that cannot be split, no process group, a size that is not the group's -- comes
+    before anything is read or changed."""
     _check_model(model)
     if tp_size is not None:
         check_tp_size(tp_size)
@@ -75,12 +87,8 @@ def parallelize(model: Model, tp_size: int | None = None, mesh: DeviceMesh | Non
             tensor_parallel_plan(model, tp_size)  # a model that cannot be split says so before the launch hint
         raise InputError(f"tensor parallelism (tp_size={brief_repr(tp_size)}) needs a process group: launch "
                          f"with {torchrun_hint(tp_size)}")
-    mesh = _mesh_for(model, tp_size, mesh)
-    plan = tensor_parallel_plan(model, mesh.size())
-    if is_prepared(model):
-        restore(model)
-    apply_plan(model, plan, mesh)
-    return model
+    mesh = _mesh_for(device_type, tp_size, mesh)
+    return mesh, tensor_parallel_plan(model, mesh.size())
 
 
 def apply_plan(model: Model, plan: TensorParallelPlan, mesh: DeviceMesh) -> None:

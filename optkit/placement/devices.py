@@ -141,3 +141,14 @@ def parse_max_memory(max_memory: dict[object, int | float | str] | None) -> dict
         device = parse_device(key, what=f"max_memory key {_quote(key)}")
         budget[device] = parse_size(size, what=f"max_memory[{_quote(key)}]")
     return dict(sorted(budget.items(), key=lambda item: device_order(item[0])))
+
+
+def max_memory_from_text(text: str, *, what: str = "--max-memory") -> dict[str, str]:
+    """``"0=80GiB,cpu=8GiB"`` (the command line's form) -> ``{"0": "80GiB", "cpu": "8GiB"}``, sizes checked later."""
+    max_memory: dict[str, str] = {}
+    for pair in text.split(","):
+        device, sep, size = pair.partition("=")
+        if not sep or not device.strip():
+            raise InputError(f"{what}: {_quote(pair)} is not DEVICE=SIZE (e.g. 0=80GiB,cpu=200GiB,disk=2TB)")
+        max_memory[device.strip()] = size.strip()
+    return max_memory

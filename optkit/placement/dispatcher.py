@@ -8,6 +8,8 @@ torch-native forward hooks, no Accelerate (docs/big-models.md says why):
   tensors in (pinned) host memory. Either is *streamed*: a forward pre-hook loads its tensors onto the
   compute device and the post-hook (always run) puts the meta tensors back, so a streamed unit holds
   memory on the compute device only while it runs. Streamed tensors are frozen (inference only);
+* on CUDA the next streamed unit is prefetched on a side stream while the current one computes
+  (:class:`Prefetcher`); elsewhere streaming is synchronous, as it was;
 * every unit's pre-hook moves the activations it is called with (tensors, the ``AttentionMask``, head
   inputs) to the device it computes on, so the KV cache a layer fills lives there too;
 * the input units stream for the whole decoder forward (``Decoder.forward`` reads the positional table
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ from optkit.placement.planner import Plan, plan
 from optkit.placement.units import Group, Unit, placement_groups, placement_units, streamable_problem, unit_tensors
 
 OFFLOAD_SUFFIX = ".safetensors"
+_PREFETCHERS: "weakref.WeakKeyDictionary[Model, Prefetcher]" = weakref.WeakKeyDictionary()
 
 
 def is_dispatched(model: nn.Module) -> bool:
@@ -83,6 +87,11 @@ class _Slot:
             (owner._parameters if self.is_parameter else owner._buffers)[name] = value
 
 
+def _on_cuda(device: torch.device) -> bool:
+    """Pinned memory and side streams only where CUDA really is."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 @dataclass
 class _Stream:
     """The tensors of one streamed unit (or of the input units), loaded onto ``device`` and released."""
@@ -90,25 +99,149 @@ class _Stream:
     device: torch.device
     slots: list[_Slot] = field(default_factory=list)
 
-    def load(self) -> None:
-        by_file: dict[Path, list[_Slot]] = {}
-        for slot in self.slots:
+    def fetch(self) -> list[Tensor]:
+        """Copies of the slots' tensors on ``device``, one per slot, issued on the current (CUDA) stream: from
+        pinned host memory, or read from the offload file (pinned first on CUDA, so the copy is asynchronous)."""
+        fetched: dict[int, Tensor] = {}
+        by_file: dict[Path, list[int]] = {}
+        for index, slot in enumerate(self.slots):
             if slot.file is None:
-                self._put(slot, slot.host.to(self.device, non_blocking=True))
+                fetched[index] = slot.host.to(self.device, non_blocking=True)
             else:
-                by_file.setdefault(slot.file, []).append(slot)
-        for path, slots in by_file.items():
+                by_file.setdefault(slot.file, []).append(index)
+        pin = _on_cuda(self.device)
+        for path, indices in by_file.items():
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for slot in slots:
-                    self._put(slot, f.get_tensor(slot.key).to(self.device))
+                for index in indices:
+                    tensor = f.get_tensor(self.slots[index].key)
+                    fetched[index] = (tensor.pin_memory().to(self.device, non_blocking=True) if pin
+                                      else tensor.to(self.device))
+        return [fetched[index] for index in range(len(self.slots))]
 
-    @staticmethod
-    def _put(slot: _Slot, tensor: Tensor) -> None:
-        slot.set(nn.Parameter(tensor, requires_grad=False) if slot.is_parameter else tensor)
+    def install(self, tensors: list[Tensor]) -> None:
+        for slot, tensor in zip(self.slots, tensors):
+            slot.set(nn.Parameter(tensor, requires_grad=False) if slot.is_parameter else tensor)
+
+    def load(self) -> None:
+        self.install(self.fetch())
 
     def release(self) -> None:
         for slot in self.slots:
             slot.set(slot.placeholder)
+
+
+@dataclass
+class _Site:
+    """Where streamed tensors come in: one hooked module (the decoder for the input units, else a unit)."""
+
+    name: str
+    streams: list[_Stream]
+
+
+class Prefetcher:
+    """Brings the next streamed unit's weights in while the current one computes.
+
+    The sites (units that stream, in forward order) load in turn: when site ``k`` is about to run, its weights
+    are taken from the prefetch (or fetched now if none is pending for it), then the copies of site ``k + 1``
+    are issued. On CUDA they run on a side stream, from pinned host memory: the compute stream waits for the
+    side stream (``wait_stream``) before using them and each tensor is marked as used there (``record_stream``),
+    so the caching allocator reuses its memory only once the compute that read it is done; the post-hook
+    drops the references (the release). Before issuing a prefetch the host waits for the compute of the units
+    released since the previous one (an event each): the GPU queue is asynchronous, so without that wait the
+    host would run ahead and prefetch every streamed unit of the forward while their predecessors' memory is
+    still in use. The decoder's pre-hook starts the first site's prefetch, so resident layers before it hide its
+    copy; nothing stays prefetched between forwards (the model's post-hook drops a prefetch no site took). At most
+    two streamed units (plus the input units) are on the compute device, as the planner budgets.
+
+    On the CPU (``side is None``) the same order runs synchronously: used only when asked for
+    (``dispatch(..., prefetch=True)``), which tests the order without CUDA. ``trace`` (a list, when set)
+    records ``("copy", site, start, end)`` and ``("compute", site, start, end)``: timed CUDA events (the copy's on
+    the side stream, the compute's on the compute stream), or on the CPU ticks of a counter in host order.
+    """
+
+    def __init__(self, sites: list[_Site], device: torch.device):
+        self.sites = sites
+        self.index = {site.name: k for k, site in enumerate(sites)}
+        self.device = device
+        self.side = torch.cuda.Stream(device) if _on_cuda(device) else None
+        self.pending: tuple[int, list[list[Tensor]]] | None = None
+        self.trace: list[tuple[str, str, Any, Any]] | None = None
+        self._ticks = 0
+        self._released: list[Any] = []  # CUDA events: the compute of units released since the last prefetch
+
+    def _mark(self, stream: Any = None) -> Any:
+        """A point in time for ``trace``: a timed CUDA event recorded on ``stream`` (default: the current one),
+        or on the CPU the next tick of a counter (the host's order is the order of the work)."""
+        if self.side is None:
+            self._ticks += 1
+            return self._ticks
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def _prefetch(self, k: int) -> None:
+        if k >= len(self.sites) or (self.pending is not None and self.pending[0] == k):
+            return
+        self.pending = None  # one not taken (a forward that skipped its site): freed, its copies never used
+        for event in self._released:  # the host waits until released units' compute is done, so their memory
+            event.synchronize()  # is free for this copy and the host never runs ahead by more than one unit
+        self._released.clear()
+        site = self.sites[k]
+        timed = self.trace is not None
+        if self.side is None:
+            start = self._mark() if timed else None
+            tensors = [stream.fetch() for stream in site.streams]
+        else:
+            with torch.cuda.stream(self.side):
+                start = self._mark(self.side) if timed else None
+                tensors = [stream.fetch() for stream in site.streams]
+        if timed:
+            self.trace.append(("copy", site.name, start, self._mark(self.side)))
+        self.pending = (k, tensors)
+
+    def begin(self) -> None:
+        """A forward starts: prefetch the first site (the decoder's pre-hook, before any unit runs)."""
+        self._prefetch(0)
+
+    def acquire(self, name: str) -> None:
+        """Site ``name`` is about to run: install its weights (prefetched or fetched now), prefetch the next."""
+        k = self.index[name]
+        site = self.sites[k]
+        if self.pending is not None and self.pending[0] == k:
+            tensors = self.pending[1]
+            self.pending = None
+            if self.side is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(self.side)
+                for group in tensors:
+                    for tensor in group:
+                        tensor.record_stream(current)
+        else:
+            tensors = [stream.fetch() for stream in site.streams]
+        for stream, group in zip(site.streams, tensors):
+            stream.install(group)
+        self._prefetch(k + 1)
+        if self.trace is not None:
+            self.trace.append(("compute", name, self._mark(), None))
+
+    def release(self, name: str) -> None:
+        """Site ``name`` has run: its streams get their meta placeholders back (the memory goes with them)."""
+        for stream in self.sites[self.index[name]].streams:
+            stream.release()
+        if self.side is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._released.append(done)
+        if self.trace is not None:
+            for i in range(len(self.trace) - 1, -1, -1):
+                what, site, start, end = self.trace[i]
+                if what == "compute" and site == name and end is None:
+                    self.trace[i] = (what, site, start, self._mark())
+                    break
+
+    def finish(self) -> None:
+        """The forward is over: a prefetch nobody took is dropped, so nothing streamed stays on the device."""
+        self.pending = None
 
 
 def _check_offload_folder(folder: str | Path | None, disk_units: list[str]) -> Path | None:
@@ -132,7 +265,7 @@ def _check_offload_folder(folder: str | Path | None, disk_units: list[str]) -> P
 
 def _host_copy(tensor: Tensor, pin: bool) -> Tensor:
     host = tensor.detach().to("cpu")
-    return host.pin_memory() if pin else host
+    return host.pin_memory() if pin and torch.cuda.is_available() else host
 
 
 def _write_unit(unit: Unit, folder: Path, skip: set[int]) -> dict[int, tuple[Path, str]]:
@@ -179,7 +312,7 @@ def _resolve(model: Model, device_map: Plan | Mapping[str, Any] | str, groups: l
 
 def dispatch(model: Model, device_map: Plan | Mapping[str, Any] | str, *, offload_folder: str | Path | None = None,
              compute_device: Any = None, max_memory: dict[Any, Any] | None = None,
-             load_unit: Callable[[str, torch.device], None] | None = None) -> Model:
+             load_unit: Callable[[str, torch.device], None] | None = None, prefetch: bool | None = None) -> Model:
     """Place ``model``'s units as ``device_map`` says (a dict, a :class:`Plan`, or a strategy planned with
     ``max_memory``) and hook streamed ones; returns the same model, with ``model.device_map`` set.
 
@@ -188,6 +321,8 @@ def dispatch(model: Model, device_map: Plan | Mapping[str, Any] | str, *, offloa
     just before the unit is placed, in forward order (its own device; the cpu for a streamed unit, which
     is then written to the offload folder or kept). ``optkit.loading`` reads a checkpoint this way, one unit
     at a time; resident units then get stacked q/k/v where that pays (as ``optkit.inference.prepare``).
+    ``prefetch``: bring the next streamed unit in while the current one computes (:class:`Prefetcher`);
+    default: when the compute device is CUDA (on a side stream, from pinned memory).
     """
     if is_dispatched(model):
         raise InputError("this model is already dispatched (model.device_map is set); build or load it again "
@@ -217,7 +352,10 @@ def dispatch(model: Model, device_map: Plan | Mapping[str, Any] | str, *, offloa
     streams = _place(model, units, resolved, set(u.name for u in streamed), compute_torch, folder, load_unit)
     first = units[0]  # the input units (or whatever runs first) decide where inputs go
     input_device = compute_torch if first.name in streams else torch_device(resolved[first.name])
-    handles = _hook(model, units, resolved, streams, compute_torch, input_device)
+    use_prefetch = _on_cuda(compute_torch) if prefetch is None else bool(prefetch)
+    handles, prefetcher = _hook(model, units, resolved, streams, compute_torch, input_device, use_prefetch)
+    if prefetcher is not None:
+        _PREFETCHERS[model] = prefetcher
     if model.inference_session is not None:
         model.inference_session.clear()  # kept graphs captured the old placement
     computes = {unit.name: compute_torch if unit.name in streams else torch_device(resolved[unit.name])
@@ -278,7 +416,7 @@ def _stream_unit(model: Model, unit: Unit, device: Device, compute: torch.device
         if device == "disk":
             slot.file, slot.key = located[key]
         else:
-            slot.host = _host_copy(tensor, pin=compute.type == "cuda")
+            slot.host = _host_copy(tensor, pin=_on_cuda(compute))
         stream.slots.append(slot)
         slot_of[id(placeholder)] = slot
     stream.release()
@@ -302,31 +440,51 @@ def _owners(model: Model, ids: set[int]) -> dict[int, list[tuple[nn.Module, str,
 
 
 def _hook(model: Model, units: list[Unit], resolved: Mapping[str, Device], streams: Mapping[str, _Stream],
-          compute: torch.device, input_device: torch.device) -> list[torch.utils.hooks.RemovableHandle]:
-    """Move activations into each unit, stream what is streamed, and bring outputs back to the inputs' device."""
-    handles = []
+          compute: torch.device, input_device: torch.device,
+          prefetch: bool) -> tuple[list[torch.utils.hooks.RemovableHandle], Prefetcher | None]:
+    """Move activations into each unit, stream what is streamed (prefetching the next streamed unit when
+    ``prefetch``), and bring outputs back to the inputs' device."""
     input_streams = [streams[u.name] for u in units if u.role == "input" and u.name in streams]
-    handles += _hooks_on(model.decoder, input_device, input_streams)
+    sites = [_Site("decoder", input_streams)] if input_streams else []
+    sites += [_Site(u.name, [streams[u.name]]) for u in units if u.role != "input" and u.name in streams]
+    prefetcher = Prefetcher(sites, compute) if prefetch and sites else None
+    handles = _hooks_on(model.decoder, input_device, "decoder" if input_streams else None, sites, prefetcher,
+                        starts_forward=True)
     for unit in units:
         if unit.role == "input":
             continue
         device = compute if unit.name in streams else torch_device(resolved[unit.name])
-        handles += _hooks_on(unit.module, device, [streams[unit.name]] if unit.name in streams else [])
+        handles += _hooks_on(unit.module, device, unit.name if unit.name in streams else None, sites, prefetcher)
 
     def outputs_to_inputs(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         return to_device(output, input_device)
 
     handles.append(model.register_forward_hook(outputs_to_inputs, with_kwargs=True))
-    return handles
+    if prefetcher is not None:
+        handles.append(model.register_forward_hook(lambda *_: prefetcher.finish(), always_call=True))
+    return handles, prefetcher
 
 
-def _hooks_on(module: nn.Module, device: torch.device, streams: list[_Stream]) -> list[Any]:
+def _hooks_on(module: nn.Module, device: torch.device, site: str | None, sites: list[_Site],
+              prefetcher: Prefetcher | None, starts_forward: bool = False) -> list[Any]:
+    """The pre-hook moves the inputs to ``device`` and brings in the weights of ``site`` (when it streams);
+    the post-hook (run even if the forward raises) releases them."""
+    streams = next((s.streams for s in sites if s.name == site), [])
+
     def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        for stream in streams:
-            stream.load()
+        if prefetcher is None:
+            for stream in streams:
+                stream.load()
+        elif site is not None:
+            prefetcher.acquire(site)
+        elif starts_forward:
+            prefetcher.begin()
         return to_device(args, device), to_device(kwargs, device)
 
     def after(*_: Any) -> None:
+        if prefetcher is not None:
+            prefetcher.release(site)
+            return
         for stream in streams:
             stream.release()
 
@@ -334,3 +492,8 @@ def _hooks_on(module: nn.Module, device: torch.device, streams: list[_Stream]) -
     if streams:
         handles.append(module.register_forward_hook(after, always_call=True))
     return handles
+
+
+def prefetcher_of(model: Model) -> Prefetcher | None:
+    """The prefetcher of a dispatched model (None: no streamed unit, or prefetch off), e.g. to set its ``trace``."""
+    return _PREFETCHERS.get(model)

@@ -8,7 +8,8 @@ opt-175b plans in a couple of seconds on a laptop. The rules (Accelerate's, see 
 * a unit is never split and units that share a device (input units, tied weights) move together;
 * a unit kept on ``"cpu"`` while an accelerator computes, or on ``"disk"``, is *streamed*: it computes on
   the compute device (the first accelerator, else the cpu), which keeps room for the streamed input units
-  plus the largest other streamed unit, and holds the KV cache of every streamed layer;
+  plus the largest other streamed unit (the two largest on an accelerator, where the next one is prefetched
+  while the current one computes), and holds the KV cache of every streamed layer;
 * each layer's KV cache (``2 x batch x kv_heads x max_length x head_dim`` at the compute dtype) lives where
   the layer computes. Activations are not budgeted (they are transient; leave headroom).
 
@@ -18,13 +19,15 @@ when the whole model fits on the accelerators, else fills in order like ``"seque
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from optkit.errors import InputError
+from optkit.errors import CheckpointError, CheckpointNotFoundError, InputError
 from optkit.model import Model
 from optkit.placement.device_map import resolve_device_map
 from optkit.placement.devices import Device, device_order, format_size, parse_max_memory
@@ -32,6 +35,7 @@ from optkit.placement.units import DTYPES, INT8, Group, Unit, placement_groups, 
 from optkit.spec import ModelSpec
 
 STRATEGIES = ("auto", "balanced", "sequential")
+PREFETCH_UNITS = 2  # streamed units on an accelerator at once: the one computing and the next, prefetched
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,10 @@ def _ranges(names: tuple[str, ...]) -> str:
 
     for name in names:
         if name.startswith("decoder.layers."):
-            run.append(int(name.rsplit(".", 1)[1]))
+            index = int(name.rsplit(".", 1)[1])
+            if run and index != run[-1] + 1:  # a gap: layers 0, 2, 3 are "0, 2-3", not "0-3"
+                flush()
+            run.append(index)
         else:
             flush()
             out.append(name)
@@ -125,15 +132,72 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
     return name
 
 
-def _meta_model(source: ModelSpec | str | dict[str, Any] | Model, dtype: str) -> tuple[Model, str]:
-    """The model to plan (built on meta unless given) and the dtype to count (int8 if the spec says so)."""
+def _checkpoint_directory(source: object) -> Path | None:
+    """The checkpoint directory ``source`` names (a local directory, ``"optkit-default"``, or a Hub id already
+    in the Hugging Face cache), or None for a preset, alias or spec file. Planning never downloads."""
+    from optkit.bundled import bundled_directory
+    from optkit.checkpoints import resolve_checkpoint_dir
+    from optkit.presets import canonical_preset_name
+
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = os.fspath(source)
+    bundled = bundled_directory(text)
+    if bundled is not None or Path(text).expanduser().is_dir():
+        return bundled or Path(text).expanduser()
+    if canonical_preset_name(text) is not None or Path(text).exists() or text.endswith((".yaml", ".yml")):
+        return None
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return None  # not a Hub id: load_spec says what it is not
+    try:
+        return resolve_checkpoint_dir(text, local_files_only=True)
+    except CheckpointNotFoundError:
+        raise InputError(f"{_short(text)!r} is not a preset, a spec file or a checkpoint directory, and not in the "
+                         "Hugging Face cache; planning never downloads: fetch its config first "
+                         f"(hf download {_short(text)} config.json) or pass the checkpoint directory") from None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _checkpoint_spec(directory: Path) -> tuple[ModelSpec, str]:
+    """The spec a checkpoint's config.json describes and its dtype name; no weight file is opened."""
+    from optkit.checkpoint_files import CONFIG_NAME, read_json
+    from optkit.checkpoints import config_dtype, spec_from_hf_config
+
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{_short(str(directory))} has no {CONFIG_NAME}; a checkpoint directory needs one to "
+                              "be planned")
+    config = read_json(config_path, what=CONFIG_NAME)
+    from optkit.native_checkpoint import is_native, read_spec
+
+    if is_native(config):  # optkit's own format: the saved spec, checked against the plugins loaded now
+        spec = read_spec(directory, config)
+    else:
+        spec = spec_from_hf_config(config, source=str(config_path))
+    dtype = str(config_dtype(config, source=str(config_path))).removeprefix("torch.")
+    return spec, dtype
+
+
+def _meta_model(source: ModelSpec | str | os.PathLike | dict[str, Any] | Model,
+                dtype: str | None) -> tuple[Model, str]:
+    """The model to plan (built on meta unless given) and the dtype to count: ``dtype``, else the checkpoint's
+    (or the built model's) own, else float16; int8 whenever the spec's linear is int8."""
     if isinstance(source, Model):
-        return source, dtype
+        return source, dtype or str(source.dtype).removeprefix("torch.")
     from optkit import registry
     from optkit.builder import build
     from optkit.spec import load_spec
 
-    spec = source if isinstance(source, ModelSpec) else load_spec(source, registry=registry)
+    directory = _checkpoint_directory(source)
+    if directory is not None:
+        spec, own_dtype = _checkpoint_spec(directory)
+        dtype = _dtype_name(dtype or own_dtype)
+    else:
+        spec = source if isinstance(source, ModelSpec) else load_spec(source, registry=registry)
+        dtype = dtype or "float16"
     if spec.decoder.linear.name == INT8:
         dtype = INT8
     # Shapes do not depend on the linear backend (LinearFactory's contract), so plain torch linears
@@ -157,7 +221,7 @@ def account(groups: list[Group], resolved: Mapping[str, Device], budgets: Mappin
     modules: dict[Device, list[Unit]] = {d: [] for d in devices}
     weights = dict.fromkeys(devices, 0)
     kv = dict.fromkeys(devices, 0)
-    streamed_input, streamed_other = 0, 0
+    streamed_input, streamed_other = 0, []
     for group in groups:
         device = resolved[group.names[0]]
         modules[device] += group.units
@@ -167,11 +231,13 @@ def account(groups: list[Group], resolved: Mapping[str, Device], budgets: Mappin
             if group.units[0].role == "input":
                 streamed_input = group.weight_bytes
             else:
-                streamed_other = max(streamed_other, group.weight_bytes)
+                streamed_other.append(group.weight_bytes)
         else:
             kv[device] += group.kv_cache_bytes
     streaming = dict.fromkeys(devices, 0)
-    streaming[compute] = streamed_input + streamed_other
+    # An accelerator holds the unit computing and the next one, prefetched meanwhile (dispatcher.Prefetcher)
+    in_flight = PREFETCH_UNITS if isinstance(compute, int) else 1
+    streaming[compute] = streamed_input + sum(sorted(streamed_other, reverse=True)[:in_flight])
     plans = [DevicePlan(d, tuple(u.name for u in sorted(modules[d], key=lambda u: u.position)), weights[d], kv[d],
                         streaming[d], budgets.get(d)) for d in devices]
     return tuple(p for p in plans if p.modules or p.device in budgets or p.total_bytes)
@@ -240,7 +306,9 @@ def _check_one_layer_fits(groups: list[Group], budgets: Mapping[Device, int | No
         return
     inputs = groups[0].weight_bytes if groups[0].units[0].role == "input" else 0
     total_kv = sum(g.kv_cache_bytes for g in groups)
-    smallest = inputs + max(g.weight_bytes for g in groups if g is not groups[0]) + total_kv
+    in_flight = PREFETCH_UNITS if isinstance(compute, int) else 1
+    others = sorted((g.weight_bytes for g in groups if g is not groups[0]), reverse=True)
+    smallest = inputs + sum(others[:in_flight]) + total_kv
     total = sum(g.weight_bytes for g in groups)
     sizes = ", ".join(f"{d!r}: {format_size(b)}" for d, b in computing.items()) or "none"
     raise InputError(
@@ -251,18 +319,21 @@ def _check_one_layer_fits(groups: list[Group], budgets: Mapping[Device, int | No
         f"{{{compute!r}: '{format_size(smallest, round_up=True)}', 'disk': '{format_size(total, round_up=True)}'}}")
 
 
-def plan(model: ModelSpec | str | dict[str, Any] | Model, *, dtype: str | torch.dtype = "float16",
+def plan(model: ModelSpec | str | os.PathLike | dict[str, Any] | Model, *, dtype: str | torch.dtype | None = None,
          max_memory: dict[Any, int | float | str] | None = None, batch: int = 1, max_length: int | None = None,
          device_map: str | Mapping[str, Any] = "auto") -> Plan:
-    """Where each unit of ``model`` (a preset name, spec, YAML path or built model) goes, and what fits.
+    """Where each unit of ``model`` goes, and what fits. ``model``: a preset name or alias, a spec (mapping,
+    ``ModelSpec``, YAML path), a checkpoint directory (or a Hub id already in the Hugging Face cache: only its
+    config.json is read, never a weight) or a built model.
 
     ``dtype``: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"int8"`` (projection weights 1 byte per element
-    plus one fp32 scale per output row; embeddings, norms, biases and the KV cache in float16).
+    plus one fp32 scale per output row; embeddings, norms, biases and the KV cache in float16). Default: a
+    checkpoint's own dtype (its ``torch_dtype``), a built model's dtype, else float16.
     ``max_memory``: ``{0: "70GiB", "cpu": "100GiB", "disk": "1TiB"}`` (GiB = 2**30 bytes, GB = 10**9); the
     devices named are the ones used. ``device_map``: a strategy, or an explicit map to account for.
     """
-    dtype = _dtype_name(dtype)
-    if not isinstance(batch, int) or batch < 1:
+    dtype = None if dtype is None else _dtype_name(dtype)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise InputError(f"batch must be a positive int, got {str(batch)[:50]}")
     built, dtype = _meta_model(model, dtype)
     length = built.spec.decoder.max_positions if max_length is None else max_length
@@ -283,6 +354,6 @@ def plan(model: ModelSpec | str | dict[str, Any] | Model, *, dtype: str | torch.
         resolved = resolve_device_map(built, device_map, groups)
         compute = _compute_device(list(resolved.values()))
     resolved = {u.name: resolved[u.name] for u in placement_units(built)}  # forward order
-    name = model if isinstance(model, str) else "model"
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
     return Plan(model=name, dtype=dtype, batch=batch, max_length=length, compute_device=compute,
                 devices=account(groups, resolved, budgets, compute), device_map=resolved)

@@ -2,6 +2,8 @@
 
     from optkit.testing import check_attention_backend
     check_attention_backend("mine")                  # raises ConformanceError naming each failed property
+    check_component("mlp", "geglu")                  # the kits of the other kinds (mlp, norm, positional_embedding,
+                                                     # token_embedding, linear, kv_cache): optkit.testing.component_kits
 
     from optkit.testing import AttentionBackendSuite
     class TestMine(AttentionBackendSuite):           # one pytest test per property
@@ -17,6 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 from optkit.testing.cases import AttentionCase, attention_cases, empty_row_cases
+from optkit.testing.component_kits import (
+    COMPONENT_KINDS,
+    COMPONENT_PROPERTIES,
+    ComponentConformanceError,
+    ComponentReport,
+    check_component,
+    check_kv_cache,
+    check_linear,
+    check_mlp,
+    check_norm,
+    check_positional_embedding,
+    check_token_embedding,
+)
 from optkit.testing.conformance import (
     DEFAULT_EXAMPLES,
     GRADIENT_TOLERANCE,
@@ -30,9 +45,11 @@ from optkit.testing.conformance import (
     check_attention_backend,
 )
 from optkit.testing.registries import add_plugin, fresh_registry, temporary_component, temporary_plugin
+from optkit.testing.tensor_parallel import TensorParallelConformanceError, check_tensor_parallel  # noqa: F401
 
 _LAZY = {
     "AttentionBackendSuite": "optkit.testing.suite",
+    "ComponentSuite": "optkit.testing.component_suite",
     "isolated_registry": "optkit.testing.fixtures",
     "register_component": "optkit.testing.fixtures",
 }
@@ -47,7 +64,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AttentionBackendSuite", "AttentionCase", "ConformanceError", "ConformanceReport", "DEFAULT_EXAMPLES",
+    "AttentionBackendSuite", "AttentionCase", "COMPONENT_KINDS", "COMPONENT_PROPERTIES", "ComponentConformanceError",
+    "ComponentReport", "ComponentSuite", "check_component", "check_kv_cache", "check_linear", "check_mlp", "check_norm",
+    "check_positional_embedding", "check_token_embedding", "ConformanceError", "ConformanceReport", "DEFAULT_EXAMPLES",
     "GRADIENT_TOLERANCE", "LOGITS_TOLERANCE", "PROPERTIES", "PropertyResult", "TOLERANCES", "Tolerance",
     "add_plugin", "attention_cases", "check_attention_backend", "empty_row_cases", "fresh_registry",
     "isolated_registry", "register_component", "temporary_component", "temporary_plugin",
