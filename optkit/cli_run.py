@@ -159,6 +159,9 @@ def _generate(args: argparse.Namespace, group: Any) -> int:
     for prompt in prompts:  # every prompt is checked before any is printed
         pipe.check(prompt, **_with_length(given, pipe, prompt))
     beams = (given.get("num_beams") or pipe.model.generation_config.num_beams) > 1
+    if args.compile and (group is None or group.is_main):
+        print("optkit: --compile: the first prompt compiles the decode step (seconds to minutes, once per shape; "
+              "reused from the compile cache when warm)", file=sys.stderr, flush=True)
     for prompt in prompts:
         options = _with_length(given, pipe, prompt)
         code = not beams and looks_like_code(prompt)

@@ -58,6 +58,7 @@ def test_compiled_decoding_prints_the_same_text(capsys, model_dir):
     plain = run(capsys, *args)
     compiled = run(capsys, *args, "--compile")
     assert compiled[0] == 0 and compiled[1] == plain[1]
+    assert "compiles the decode step" in compiled[2] and "compiles" not in plain[2]  # says why the wait
 
 
 def test_prompts_from_stdin_one_per_line(capsys, monkeypatch, model_dir):

@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from optkit.cli import main as cli_main
 from optkit.errors import CheckpointError, InputError
 from optkit.parallel import export_checkpoint, shard_for_training
 from optkit.parallel.fsdp import LATEST, SHARDED_DIR, ShardedTraining, sharded_training
+from optkit.testing.tensor_parallel import free_port
 
 DEADLINE_S = 150  # one launch, every rank
 TINY = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
@@ -65,8 +65,18 @@ def spec() -> optkit.ModelSpec:
     return optkit.load_spec("opt-tiny", decoder=TINY)
 
 
+def llama_spec() -> optkit.ModelSpec:
+    """Open-Llama (RMSNorm, rotary positions, SwiGLU, untied head): the second family trains sharded too."""
+    return optkit.load_spec("open-llama-tiny-v2-style", decoder={"vocab_size": TINY["vocab_size"], "hidden_size": 32,
+                                                                 "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
+                                                                 "attention_dropout": 0.0,  # exact only without
+                                                                 "mlp": {"name": "gated", "params": {  # dropout
+                                                                     "activation": "silu", "dropout": 0.0}}})
+
+
 def train(out: Path, **overrides: Any) -> training.TrainResult:
-    return training.train(spec(), documents(), out_dir=out, tokenizer=tokenizer(), **{**RUN, **overrides})
+    model_spec = overrides.pop("spec", None) or spec()
+    return training.train(model_spec, documents(), out_dir=out, tokenizer=tokenizer(), **{**RUN, **overrides})
 
 
 def train_interrupted(out: Path, at_step: int, **overrides: Any) -> None:
@@ -132,6 +142,7 @@ def _two_ranks(work: Path) -> dict[str, Any]:
     one_to_two = train(work / "one_to_two")
     checkpointed = train(work / "checkpointed", steps=3, gradient_checkpointing=True)
     bf16 = train(work / "bf16", steps=3, mixed_precision="bf16")
+    llama = train(work / "llama", steps=3, spec=llama_spec())
     odd = error_text(lambda: train(work / "odd", steps=1, batch_size=3))
     twice = error_text(lambda: shard_for_training(straight.model))
     lora = optkit.build(spec())
@@ -141,7 +152,7 @@ def _two_ranks(work: Path) -> dict[str, Any]:
     return {"twice": twice, "adapters": adapters, "straight": straight.losses, "resumed": resumed.losses,
             "resumed_from": resumed.resumed_from, "one_to_two": one_to_two.losses,
             "one_to_two_from": one_to_two.resumed_from,
-            "checkpointed": checkpointed.losses, "bf16": bf16.losses, "odd_batch": odd,
+            "checkpointed": checkpointed.losses, "bf16": bf16.losses, "odd_batch": odd, "llama": llama.losses,
             "groups": group_sizes(straight.model), "logits": logits.tolist(), f"rows{rank}": rows}
 
 
@@ -168,15 +179,9 @@ def _rank_main(rank: int, phase: str, port: int, work: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def in_this_process(phase: str, work: Path) -> dict[str, Any]:
     """A 1-rank phase here, in a 1-rank gloo group that is always destroyed (no process to start)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=timedelta(seconds=60))
     try:
         return PHASES[phase][1](work)
@@ -187,7 +192,7 @@ def in_this_process(phase: str, work: Path) -> dict[str, Any]:
 def launch(phase: str, work: Path) -> list[dict[str, Any]]:
     """Spawn the phase's ranks, wait at most DEADLINE_S, end any still running, return each rank's result."""
     world = PHASES[phase][0]
-    context = mp.start_processes(_rank_main, args=(phase, _free_port(), str(work)), nprocs=world, join=False,
+    context = mp.start_processes(_rank_main, args=(phase, free_port(), str(work)), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -227,7 +232,8 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     straight = train(root / "straight")
     return {"straight": straight.losses, "groups": group_sizes(straight.model),
             "checkpointed": train(root / "checkpointed", steps=3, gradient_checkpointing=True).losses,
-            "bf16_reference": train(root / "bf16", steps=3).losses}
+            "bf16_reference": train(root / "bf16", steps=3).losses,
+            "llama": train(root / "llama", steps=3, spec=llama_spec()).losses}
 
 
 def max_difference(a: list[float], b: list[float]) -> float:
@@ -240,6 +246,11 @@ def test_two_ranks_train_like_one_process(ranks, single):
     assert max_difference(ranks["straight"], single["straight"]) <= TOL
     assert ranks["rows"] == [[[0, 1]] * RUN["steps"], [[2, 3]] * RUN["steps"]]  # each rank its half of the batch
     assert ranks["straight"][-1] < ranks["straight"][0]  # it learns
+
+
+def test_open_llama_trains_sharded_like_one_process(ranks, single):
+    assert max_difference(ranks["llama"], single["llama"]) <= TOL
+    assert ranks["llama"][-1] < ranks["llama"][0]
 
 
 def test_optimizer_groups_and_gradient_checkpointing_behave_as_in_one_process(ranks, single):

@@ -10,7 +10,6 @@ are checked in this process.
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -30,6 +29,7 @@ import optkit.inference
 from optkit.interfaces import MLP, ShardStyle
 from optkit.parallel import local_parameter_bytes, parallelize, planned_parameter_bytes, tensor_parallel_plan
 from optkit.testing import add_plugin, fresh_registry
+from optkit.testing.tensor_parallel import free_port
 from tests.helpers import load_example_plugin
 from tests.helpers.models import tiny_open_llama
 
@@ -163,15 +163,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(out_dir: Path) -> list[dict[str, Any]]:
     """Spawn the ranks, wait at most DEADLINE_S, and end them if they are still running."""
-    context = mp.start_processes(_rank_main, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
+    context = mp.start_processes(_rank_main, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import optkit
 import optkit.parallel.loading as sliced
 from optkit.parallel import local_parameter_bytes, planned_parameter_bytes
 from optkit.parallel.loading import rank_slice
+from optkit.testing.tensor_parallel import free_port
 
 WORLD = 2
 DEADLINE_S = 150
@@ -122,12 +122,6 @@ def _rank_main(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tp-load")
@@ -137,7 +131,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ranks(root) -> list[dict[str, Any]]:
-    context = mp.start_processes(_rank_main, args=(_free_port(), str(root)), nprocs=WORLD, join=False,
+    context = mp.start_processes(_rank_main, args=(free_port(), str(root)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:

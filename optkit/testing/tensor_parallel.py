@@ -97,7 +97,8 @@ def _rank_main(rank: int, world: int, port: int, source: ModelSource, plugins: S
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: the rendezvous of a test's gloo group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -107,7 +108,7 @@ def _run_ranks(world: int, source: ModelSource, plugins: Sequence[tuple[str, str
                timeout: float) -> list[dict[str, torch.Tensor]]:
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_rank_main, args=(world, _free_port(), source, plugins, seed, str(out_dir)),
+    context = mp.start_processes(_rank_main, args=(world, free_port(), source, plugins, seed, str(out_dir)),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
