@@ -7,7 +7,6 @@ with the same logits, and one optkit saved loads in PEFT with the same logits (f
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import re
@@ -23,7 +22,7 @@ from optkit.adapters import (AdapterConfigWarning, LoRALinear, active_adapter, a
                              add_adapters, add_adapters_from_options, load_adapters, merge_adapters, merge_and_unload, save_adapters,
                              set_adapter, target_names, unmerge_adapters)
 from optkit.inference import is_prepared, prepare, restore
-from tests.helpers import batch, hf_model, tiny_open_llama
+from tests.helpers import base_hash, batch, hf_model, tiny_open_llama
 
 ATOL = 1e-5
 OPT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -45,16 +44,6 @@ def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.2) -> Non
 def logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     with torch.no_grad():
         return model(ids, attention_mask=mask).logits
-
-
-def base_hash(model: nn.Module) -> str:
-    """A digest of every tensor that is not an adapter's (bit-exact: any change to the base shows)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if ".lora_A." not in name and ".lora_B." not in name:
-            digest.update(name.replace(".base.", ".").encode())
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # -- the math ---------------------------------------------------------------------------------------------

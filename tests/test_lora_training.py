@@ -7,7 +7,6 @@ library) has not seen, split by lines into a training part and a held-out part.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 import optkit
+from tests.helpers import base_hash
 from optkit import training
 from optkit.adapters import adapter_parameters
 from optkit.bundled import default_model_dir
@@ -27,16 +27,6 @@ LINES = TEXT.splitlines(keepends=True)
 TRAIN_TEXT, HELD_OUT = "".join(LINES[: len(LINES) * 3 // 4]), "".join(LINES[len(LINES) * 3 // 4:])
 TARGETS = ["q_proj", "v_proj", "fc1", "fc2"]
 int8_reasons = optkit.registry.get("linear", "int8").unavailable_reasons("cpu", torch.float32)
-
-
-def base_hash(model: nn.Module) -> str:
-    """Every tensor that is not an adapter's, bit for bit."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if ".lora_A." not in name and ".lora_B." not in name:
-            digest.update(name.replace(".base.", ".").encode())
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def lora_model(linear: str | None = None, r: int = 8) -> optkit.Model:

@@ -12,16 +12,8 @@ The second half proves the kit catches real bugs: deliberately broken kernels mu
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import site
-import subprocess
-import sys
 import textwrap
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,82 +35,16 @@ from optkit.testing import (
     temporary_plugin,
 )
 from optkit.testing.fixtures import isolated_registry, register_component  # noqa: F401 - pytest fixtures
+from tests.helpers.venv import PluginVenv, install_example, last_json, outer_site_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE = ROOT / "examples" / "third_party_attention_plugin"
-SUBPROCESS_TIMEOUT = 600
 
 
 # -- a virtual environment with the example plugin installed -----------------------------------------
-@dataclass(frozen=True)
-class PluginVenv:
-    python: Path
-    source: Path  # a copy of the example: building it leaves build/ and *.egg-info behind
-
-    def run(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.python), *args], capture_output=True, text=True, cwd=cwd,
-                              env=_clean_env(env), timeout=SUBPROCESS_TIMEOUT)
-
-
-def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without optkit's plugin switches (a test sets the ones it means).
-
-    One torch thread: the tensors are tiny, and on a busy machine extra OpenMP threads
-    only wait for each other (ten times slower here)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTKIT_")}
-    env.update(PYTHONDONTWRITEBYTECODE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", OMP_NUM_THREADS="1")
-    env.update(extra or {})
-    return env
-
-
-def _outer_site_dirs() -> list[str]:
-    """Where this interpreter's packages live. A venv made with --system-site-packages sees
-    only the *base* interpreter's site-packages, so when the tests run inside a venv (CI)
-    these must be added to the new one explicitly."""
-    dirs = list(site.getsitepackages())
-    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
-        dirs.append(site.getusersitepackages())
-    return dirs
-
-
-def _build_isolation_flags() -> list[str]:
-    """Build offline with this environment's setuptools when it can build wheels by itself
-    (>= 70.1, or with `wheel`); otherwise let pip fetch the build backend."""
-    if importlib.util.find_spec("setuptools") is None:
-        return []
-    from importlib.metadata import version
-
-    major, minor = (int(part) for part in version("setuptools").split(".")[:2])
-    if (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None:
-        return ["--no-build-isolation", "--no-index"]
-    return []
-
-
-def _make_venv(root: Path) -> Path:
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=SUBPROCESS_TIMEOUT)
-    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    # `import` lines of a .pth file are executed: addsitedir also runs the outer .pth files
-    # (optkit's editable-install finder among them), which a plain path line would not.
-    # Processing the venv's own site-packages first puts them before the base interpreter's.
-    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in _outer_site_dirs())
-    Path(purelib, "_outer_environment.pth").write_text(lines, encoding="utf-8")
-    return python
-
-
 @pytest.fixture(scope="module")
 def plugin_venv(tmp_path_factory: pytest.TempPathFactory) -> PluginVenv:
-    root = tmp_path_factory.mktemp("third_party_plugin")
-    source = Path(shutil.copytree(PLUGIN_SOURCE, root / "src", ignore=shutil.ignore_patterns(
-        "__pycache__", "*.egg-info", "build", ".hypothesis", ".benchmarks", ".pytest_cache")))
-    venv = PluginVenv(_make_venv(root), source)
-    done = venv.run("-m", "pip", "install", "--quiet", "--no-deps", *_build_isolation_flags(), str(source))
-    assert done.returncode == 0, f"pip install of the example plugin failed:\n{done.stdout}\n{done.stderr}"
-    return venv
+    return install_example(PLUGIN_SOURCE, tmp_path_factory.mktemp("third_party_plugin"))
 
 
 SCRIPT = """
@@ -188,12 +114,6 @@ print(json.dumps(out))
 """
 
 
-def _json(done: subprocess.CompletedProcess[str]) -> Any:
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Error processing line" not in done.stderr, done.stderr  # a broken .pth is only a warning
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def installed(plugin_venv: PluginVenv, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Everything a user does with the installed plugin, in one interpreter of the venv."""
@@ -205,13 +125,13 @@ def installed(plugin_venv: PluginVenv, tmp_path_factory: pytest.TempPathFactory)
         """), encoding="utf-8")
     (work / "bad.yaml").write_text("extends: opt-tiny\ndecoder:\n  attention: {name: chunked, params: {chunk: 16}}\n",
                                    encoding="utf-8")
-    return _json(plugin_venv.run("-c", SCRIPT, str(work)))
+    return last_json(plugin_venv.run("-c", SCRIPT, str(work)))
 
 
 @pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_venv_sees_this_optkit_and_its_own_copy_of_the_plugin(installed, plugin_venv):
     site_dirs = [p for p in installed["sys_path"] if p.endswith("-packages")]
-    venv_dir, outer = site_dirs[0], _outer_site_dirs()
+    venv_dir, outer = site_dirs[0], outer_site_dirs()
     assert Path(venv_dir).is_relative_to(plugin_venv.python.parent.parent)
     assert site_dirs[1:1 + len(outer)] == outer  # this environment's packages, ahead of the base interpreter's
     assert Path(installed["optkit_file"]) == Path(optkit.__file__)
@@ -244,7 +164,7 @@ def test_yaml_spec_chooses_it_with_params(installed):
 
 @pytest.mark.slow  # a pip install into a fresh virtual environment
 def test_block_plugins_makes_it_unknown(plugin_venv):
-    result = _json(plugin_venv.run("-c", BLOCKED, env={"OPTKIT_BLOCK_PLUGINS": "chunked"}))
+    result = last_json(plugin_venv.run("-c", BLOCKED, env={"OPTKIT_BLOCK_PLUGINS": "chunked"}))
     assert result["plugins"]["chunked"] == "blocked"
     assert result["get"] == ("unknown attention 'chunked': it is provided by plugin 'chunked' (optkit-chunked-attention "
                              "0.1.0), which is blocked (listed in OPTKIT_BLOCK_PLUGINS); remove it from "

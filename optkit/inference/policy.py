@@ -89,7 +89,9 @@ def choose_for(model: Any, batch_size: int, new_tokens: int, max_length: int, *,
     device_type = model.device.type
     why_not = "beam search reorders the cache between steps" if num_beams > 1 else unsupported_reason(model, cache_kind)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    warm = why_not is None and compile_cache.has_entry(model, batch_size, max_length)
+    # the cache lookup fingerprints the model: only where its answer can matter (not for tiny models)
+    warm = why_not is None and weight_bytes >= TINY_MODEL_BYTES and compile_cache.has_entry(model, batch_size,
+                                                                                            max_length)
     return choose_decode_step(device_type=device_type, batch_size=batch_size, new_tokens=new_tokens,
                               weight_bytes=weight_bytes, warm_cache=warm,
                               compiler_available=compiler_available(device_type), graph_unsupported=why_not)

@@ -20,22 +20,13 @@ one flat vector, dequantized flat and multiplied with ``F.linear``; every other 
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# bitsandbytes warns at import about an optional CPU kernel package; its own CPU path works without it.
-_quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-_level = _quiet.level
-_quiet.setLevel(logging.ERROR)
-try:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
-finally:
-    _quiet.setLevel(_level)
+from .quiet_bitsandbytes import bnb, bnbF
 
 BLOCKSIZE = 64  # values per absmax scale (bitsandbytes' and QLoRA's default)
 

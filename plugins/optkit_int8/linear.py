@@ -17,21 +17,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import logging
-
 import torch
-
-# bitsandbytes warns at import about an optional 4-bit CPU kernel package; int8 does not use it.
-_quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-_level = _quiet.level
-_quiet.setLevel(logging.ERROR)
-try:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
-    from bitsandbytes.nn import Int8Params, Linear8bitLt
-finally:
-    _quiet.setLevel(_level)
 from torch import Tensor, nn
+
+from .quiet_bitsandbytes import bnb, bnbF  # first: bitsandbytes without its import-time warning
+
+from bitsandbytes.nn import Int8Params, Linear8bitLt  # noqa: E402 - after the quiet import
 
 
 class Int8Linear(Linear8bitLt):

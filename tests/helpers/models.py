@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from torch import nn
 
 import optkit
 from optkit.formats.open_llama import spec_from_config
@@ -60,3 +62,13 @@ def load_example_plugin(relative_path: str, module_name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def base_hash(model: nn.Module) -> str:
+    """A digest of every tensor that is not an adapter's (bit-exact: any change to the base shows)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".lora_A." not in name and ".lora_B." not in name:
+            digest.update(name.replace(".base.", ".").encode())
+            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

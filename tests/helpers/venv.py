@@ -40,7 +40,7 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _outer_site_dirs() -> list[str]:
+def outer_site_dirs() -> list[str]:
     """Where this interpreter's packages live (a venv made with --system-site-packages sees only the base
     interpreter's, so when the tests run inside a venv these are added explicitly)."""
     dirs = list(site.getsitepackages())
@@ -69,7 +69,7 @@ def _make_venv(root: Path) -> Path:
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     # `import` lines of a .pth file run: addsitedir also runs the outer .pth files (optkit's editable finder).
-    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in _outer_site_dirs())
+    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in outer_site_dirs())
     Path(purelib, "_outer_environment.pth").write_text(lines, encoding="utf-8")
     return python
 
