@@ -270,7 +270,8 @@ def test_import_optkit_loads_no_plugins():
             "{'optkit_attention_eager', 'optkit_attention_sdpa', 'optkit_torch_components', "
             "'optkit_llama_components'}))")
     env = {k: v for k, v in os.environ.items() if k not in ENV}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                            timeout=120)
     assert result.stdout == "False []\n"
 
 

@@ -67,7 +67,7 @@ def _make_venv(root: Path) -> Path:
                    check=True, timeout=SUBPROCESS_TIMEOUT)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+                             capture_output=True, text=True, check=True, timeout=SUBPROCESS_TIMEOUT).stdout.strip()
     # `import` lines of a .pth file run: addsitedir also runs the outer .pth files (optkit's editable finder).
     lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in outer_site_dirs())
     Path(purelib, "_outer_environment.pth").write_text(lines, encoding="utf-8")
