@@ -10,9 +10,28 @@
 See docs/distributed.md.
 """
 
-from optkit.parallel.fsdp import export_checkpoint, shard_for_training
-from optkit.parallel.plan import TensorParallelPlan, planned_parameter_bytes, tensor_parallel_plan
-from optkit.parallel.tensor_parallel import local_parameter_bytes, parallelize
+from __future__ import annotations
 
-__all__ = ["TensorParallelPlan", "export_checkpoint", "local_parameter_bytes", "parallelize",
-           "planned_parameter_bytes", "shard_for_training", "tensor_parallel_plan"]
+import importlib
+from typing import Any
+
+# Exported lazily, as ``optkit`` and ``optkit.inference`` are: every ``optkit run`` imports
+# ``optkit.parallel.launch`` to ask whether torchrun started it, and must not pay for FSDP, DCP and DTensor.
+_LAZY = {
+    "export_checkpoint": "optkit.parallel.fsdp",
+    "shard_for_training": "optkit.parallel.fsdp",
+    "TensorParallelPlan": "optkit.parallel.plan",
+    "planned_parameter_bytes": "optkit.parallel.plan",
+    "tensor_parallel_plan": "optkit.parallel.plan",
+    "local_parameter_bytes": "optkit.parallel.tensor_parallel",
+    "parallelize": "optkit.parallel.tensor_parallel",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optkit.parallel' has no attribute '{name}'")
