@@ -15,25 +15,35 @@ step) and ``nofuse`` (q/k/v stay three GEMMs) turn optimisations off for compari
 compiles the decode step with torch.compile (inductor) before it is captured (its compilation
 falls in the warm-up, outside the timed runs). ``--hf-compiled`` adds transformers' best setting (static cache, which makes its
 ``generate`` compile the decode step with torch.compile "reduce-overhead" on CUDA).
+
+The plots are drawn from the recorded tables, so they always show the recorded numbers; redraw them without
+running anything (``--extra`` adds systems of other tables as points, e.g. a compiled run):
+
+    python benchmarks/bench_generate.py --replot-docs
+    python benchmarks/bench_generate.py --replot docs/performance/performance-opt-125m-float16-cuda.md \
+        --extra docs/performance/performance-opt-125m-float16-cuda-compile.md --out /tmp
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import optkit
 import optkit.inference
-from optkit.benchmarking import (Result, bytes_per_token, generate, machine, measure, memory_bandwidth_gbs,
-                                 peak_rss_of_this_process_mib, prompts)
+from optkit.benchmarking import (PALETTE, Result, bytes_per_token, generate, machine, measure, memory_bandwidth_gbs,
+                                 nice_ticks, peak_rss_of_this_process_mib, prompts, svg_text, text_width, tick_label)
+from optkit.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # transformers OPTConfig fields of the real checkpoints
@@ -132,33 +142,185 @@ def run_peak_rss(args: argparse.Namespace) -> None:
     print(peak_rss_of_this_process_mib())
 
 
-def svg_plot(points: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    """A dependency-free line chart of tokens/s against context length."""
-    width, height, pad = 640, 360, 50
-    xs = [x for series in points.values() for x, _ in series]
-    ys = [y for series in points.values() for _, y in series]
-    x_max, y_max = max(xs), max(ys) * 1.1
-    sx = lambda x: pad + (width - 2 * pad) * x / x_max
-    sy = lambda y: height - pad - (height - 2 * pad) * y / y_max
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+@dataclass(frozen=True)
+class Series:
+    """One thing drawn on the context plot: a measured line, separate-run points, or a dashed reference line."""
+
+    name: str
+    points: list[tuple[float, float]]
+    style: str = "line"  # "line" | "points" | "dashed"
+    note: str = ""  # a second, smaller legend line: where the points come from
+
+
+def svg_plot(series: list[Series], path: Path, title: str, subtitle: str = "") -> None:
+    """A dependency-free line chart of decode tokens/s against context length.
+
+    Round ticks on both axes (each ending at its last tick); the legend sits right of the plot and the canvas is
+    widened to its longest label, so no text is clipped.
+    """
+    left, top, plot_w, plot_h, bottom = 64, 58 if subtitle else 40, 520, 260, 46
+    xs = [x for s in series for x, _ in s.points]
+    ys = [y for s in series for _, y in s.points]
+    x_ticks, y_ticks = nice_ticks(max(xs, default=0.0)), nice_ticks(max(ys, default=0.0))
+    sx = lambda x: left + plot_w * x / x_ticks[-1]
+    sy = lambda y: top + plot_h - plot_h * y / y_ticks[-1]
+    legend_x, row, note_row = left + plot_w + 20, 18, 13
+    label = max((max(text_width(s.name, 12), text_width(s.note, 10)) for s in series), default=0)
+    width = math.ceil(max(legend_x + 30 + label + 10, text_width(title, 14) + 20, text_width(subtitle, 12) + 20))
+    legend_h = sum(row + (note_row if s.note else 0) for s in series)
+    height = max(top + plot_h + bottom, top + 10 + legend_h)
+    bottom_y = top + plot_h
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
-             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle" font-size="12">context length (tokens)</text>',
-             f'<text x="15" y="{height / 2}" font-size="12" transform="rotate(-90 15 {height / 2})">decode tokens/s</text>']
-    for tick in range(0, 6):
-        y = y_max * tick / 5
-        parts.append(f'<text x="{pad - 5}" y="{sy(y) + 4}" text-anchor="end" font-size="10">{y:.0f}</text>')
-    for x in sorted(set(xs)):
-        parts.append(f'<text x="{sx(x)}" y="{height - pad + 15}" text-anchor="middle" font-size="10">{x}</text>')
-    for i, (name, series) in enumerate(points.items()):
-        series = sorted(series)
-        path_d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in series)
-        parts.append(f'<polyline fill="none" stroke="{colors[i % len(colors)]}" stroke-width="2" points="{path_d}"/>')
-        parts.append(f'<text x="{width - pad - 150}" y="{pad + 15 * i}" fill="{colors[i % len(colors)]}" font-size="12">{name}</text>')
+             svg_text(width / 2, 20, title, 14, "middle")]
+    if subtitle:
+        parts.append(svg_text(width / 2, 38, subtitle, 12, "middle"))
+    for tick in y_ticks:
+        parts.append(f'<line x1="{left}" y1="{sy(tick):.1f}" x2="{left + plot_w}" y2="{sy(tick):.1f}" stroke="#ddd"/>')
+        parts.append(svg_text(left - 6, sy(tick) + 4, tick_label(tick, y_ticks[1]), 10, "end"))
+    for tick in x_ticks:
+        parts.append(svg_text(sx(tick), bottom_y + 15, tick_label(tick, x_ticks[1]), 10, "middle"))
+    parts += [f'<line x1="{left}" y1="{bottom_y}" x2="{left + plot_w}" y2="{bottom_y}" stroke="black"/>',
+              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom_y}" stroke="black"/>',
+              svg_text(left + plot_w / 2, bottom_y + 36, "context length (prompt tokens)", 12, "middle"),
+              svg_text(16, top + plot_h / 2, "decode tokens/s", 12, "middle",
+                       f' transform="rotate(-90 16 {top + plot_h / 2:.1f})"')]
+    legend_y = top + 10
+    for i, s in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        points = sorted(s.points)
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        dash = ' stroke-dasharray="6 4"' if s.style == "dashed" else ""
+        if s.style != "points" and len(points) > 1:
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{line}"/>')
+        if s.style != "dashed":
+            radius = 5 if s.style == "points" else 3
+            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" fill="{color}"/>' for x, y in points]
+        if s.style == "points":
+            parts.append(f'<circle cx="{legend_x + 12}" cy="{legend_y - 4}" r="5" fill="{color}"/>')
+        else:
+            parts.append(f'<line x1="{legend_x}" y1="{legend_y - 4}" x2="{legend_x + 24}" y2="{legend_y - 4}" '
+                         f'stroke="{color}" '
+                         f'stroke-width="2"{dash}/>')
+        parts.append(svg_text(legend_x + 30, legend_y, s.name, 12, extra=f' fill="{color}"'))
+        if s.note:
+            parts.append(svg_text(legend_x + 30, legend_y + note_row, s.note, 10, extra=' fill="#555"'))
+        legend_y += row + (note_row if s.note else 0)
     parts.append("</svg>")
-    path.write_text("\n".join(parts))
+    path.write_text("\n".join(parts) + "\n")
+
+
+# -- plots from the recorded tables ------------------------------------------------------------------------
+DOC_PLOTS = {  # the plots docs/ shows: sweep table, tables with extra (separate-run) points, bandwidth line
+    "performance-opt-125m-float32-cpu.svg": ("performance-opt-125m-float32-cpu.md", [], True),
+    "performance-opt-125m-float16-cuda.svg": ("performance-opt-125m-float16-cuda.md",
+                                              ["performance-opt-125m-float16-cuda-compile.md"], False),
+}
+
+
+@dataclass
+class Table:
+    """A table written by --write-docs, read back: its heading facts and one dict per row."""
+
+    shape: str
+    device: str
+    dtype: str
+    machine: str
+    bandwidth_gbs: float
+    rows: list[dict[str, str]]
+
+    def decode(self, row: dict[str, str]) -> float:
+        """The median decode tokens/s of a row (the cell also holds [min–max])."""
+        return float(row["decode tok/s"].split()[0])
+
+
+def read_table(path: Path) -> Table:
+    """Parse a docs/performance/*.md table written by this script (heading, machine, bandwidth, rows)."""
+    text = path.read_text(encoding="utf-8")
+    heading = re.search(r"^### (\S+) on (\S+): transformers (\S+) vs", text, re.M)
+    lines = text.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("| workload | batch | system |")), None)
+    if heading is None or header is None:
+        raise InputError(f"{path} is not a table written by bench_generate.py --write-docs (no '### <shape> on "
+                         "<device>: transformers <dtype> vs' heading or no '| workload | batch | system |' table)")
+    names = [cell.strip() for cell in lines[header].strip("|").split("|")]
+    rows = []
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(names, (cell.strip() for cell in line.strip("|").split("|")))))
+    machine_line = re.search(r"^- machine: (.*)$", text, re.M)
+    bandwidth = re.search(r"^- measured read bandwidth.*$", text, re.M)
+    gbs = [float(v) for v in re.findall(r"([\d.]+) GB/s", bandwidth.group(0))] if bandwidth else []
+    return Table(heading[1], heading[2], heading[3], machine_line[1] if machine_line else "", max(gbs, default=0.0),
+                 rows)
+
+
+def context_rows(table: Table) -> list[dict[str, str]]:
+    return [row for row in table.rows if row["workload"].startswith("context ")]
+
+
+def replot(table_path: Path, svg_path: Path, extra: list[Path] | tuple[Path, ...] = (),
+           bandwidth_line: bool = False) -> None:
+    """Draw the context sweep of a recorded table (and separate-run points from ``extra`` tables) as SVG.
+
+    The plot is made from the markdown the run wrote, so it always shows the recorded numbers. Systems of an
+    ``extra`` table that the sweep lacks (e.g. a compiled variant measured in another run) become points
+    labelled with their batch, workload and that run's transformers figure.
+    """
+    table = read_table(table_path)
+    sweep = context_rows(table)
+    if not sweep:
+        raise InputError(f"{table_path} has no context sweep rows ('context <prompt>+<new>'); replot a table "
+                         "written by a run with --long > 0")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in sweep:
+        prompt = float(row["workload"].split()[1].split("+")[0])
+        series.setdefault(row["system"], []).append((prompt, table.decode(row)))
+    drawn = [Series(name, points) for name, points in series.items()]
+    for path in extra:
+        other = read_table(path)
+        reference = {(r["workload"], r["batch"]): table.decode(r) for r in other.rows if r["system"] == "transformers"}
+        for row in other.rows:
+            if row["system"] in series or row["workload"].startswith("context "):
+                continue
+            base = reference.get((row["workload"], row["batch"]))
+            there = f" (transformers {base:.1f} there)" if base is not None else ""
+            note = f"batch {row['batch']}, {row['workload']}, separate run{there}"
+            drawn.append(Series(row["system"], [(float(row["workload"].split("+")[0]), other.decode(row))], "points",
+                                note))
+    if bandwidth_line:
+        per_token = [(float(r["workload"].split()[1].split("+")[0]), float(r["bytes/token (MB)"]))
+                     for r in sweep if r["system"] == "transformers"]
+        drawn.append(Series(f"{table.dtype} weights read at 100 % of the bandwidth",
+                            [(x, table.bandwidth_gbs * 1e3 / mb) for x, mb in per_token], "dashed",
+                            f"{table.bandwidth_gbs:g} GB/s (torch.sum, same run) / {table.dtype} bytes per token"))
+    batches = ", ".join(dict.fromkeys(row["batch"] for row in sweep))
+    new = sweep[0]["workload"].split("+")[1]
+    title = f"{table.shape}, {table.dtype}, {device_name(table)}, batch {batches}: decode tokens/s"
+    subtitle = f"prompt of N tokens, then {new} new; medians of alternating runs ({table_path.name})"
+    svg_plot(drawn, svg_path, title, subtitle)
+
+
+def device_name(table: Table) -> str:
+    """'cuda (NVIDIA H200)' or 'cpu (AMD EPYC, 2 threads)' from the table's machine line."""
+    fields = [part.strip() for part in table.machine.split(";")]
+    gpu = next((f.removeprefix("GPU: ") for f in fields if f.startswith("GPU: ")), "none")
+    if table.device.startswith("cuda") and gpu != "none":
+        return f"{table.device} ({gpu})"
+    threads = next((f.split()[0] for f in fields if f.endswith("torch threads")), None)
+    cpu = fields[0] if fields and fields[0] else ""
+    details = ", ".join(part for part in (cpu, f"{threads} threads" if threads else "") if part)
+    return f"{table.device} ({details})" if details else table.device
+
+
+def replot_docs(out: Path) -> list[Path]:
+    """Redraw every plot docs/ shows from its recorded tables into ``out``."""
+    written = []
+    for svg, (sweep, extra, bandwidth_line) in DOC_PLOTS.items():
+        tables = ROOT / "docs" / "performance"
+        replot(tables / sweep, out / svg, [tables / name for name in extra], bandwidth_line)
+        written.append(out / svg)
+    return written
 
 
 def main() -> None:
@@ -182,11 +344,26 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true", help="write docs/performance/*.md and the plot")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where --write-docs writes")
     parser.add_argument("--label", default="", help="suffix of the --write-docs file names")
+    parser.add_argument("--replot", type=Path, metavar="TABLE.md",
+                        help="only redraw the context plot of a recorded table into --out (no benchmark runs)")
+    parser.add_argument("--extra", type=Path, nargs="*", default=[], metavar="TABLE.md",
+                        help="with --replot: tables whose systems the sweep lacks (e.g. compiled) drawn as points")
+    parser.add_argument("--bandwidth-line", action="store_true",
+                        help="with --replot: a dashed line at measured bandwidth / bytes per token")
+    parser.add_argument("--replot-docs", action="store_true", help="redraw every plot docs/ shows into --out")
     parser.add_argument("--peak-rss", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_rss:
         return run_peak_rss(args)
+    if args.replot_docs or args.replot:
+        if args.replot_docs:
+            written = replot_docs(args.out)
+        else:
+            written = [args.out / f"{args.replot.stem}.svg"]
+            replot(args.replot, written[0], args.extra, args.bandwidth_line)
+        print("\n".join(str(path) for path in written))
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -206,14 +383,11 @@ def main() -> None:
         if args.device.startswith("cuda"):
             paths.update({f"{name}, batch {batch}": decode_path(model) for name, (model, _) in systems.items()
                           if name.startswith("optkit")})
-    curve: dict[str, list[tuple[int, float]]] = {name: [] for name in systems if name != HF_COMPILED}
     for context in args.contexts if args.long else []:
         ids, mask = prompts(1, context, 50272, args.device)
         reps = max(3, args.reps // 2)
         uncompiled = {name: system for name, system in systems.items() if name != HF_COMPILED}  # one compile per length
-        for r in measure(uncompiled, ids, mask, 32, reps, args.device, f"context {context}+32"):
-            results.append(r)
-            curve[r.system].append((context, r.decode_median))
+        results += measure(uncompiled, ids, mask, 32, reps, args.device, f"context {context}+32")
     memory = {}
     if args.memory and args.device.startswith("cuda"):
         ids, mask = prompts(1, args.prompt, 50272, args.device)
@@ -231,9 +405,9 @@ def main() -> None:
     if args.write_docs:
         stem = f"performance-{args.shape}-{args.dtype}-{args.device.split(':')[0]}{args.label}"
         (args.out / "performance").mkdir(parents=True, exist_ok=True)
-        if any(curve.values()):
-            svg_plot(curve, args.out / f"{stem}.svg", f"{args.shape} {args.dtype} on {args.device}: decode tokens/s")
         (args.out / "performance" / f"{stem}.md").write_text(report)
+        if args.long and args.contexts:  # drawn from the table just written, as --replot draws it
+            replot(args.out / "performance" / f"{stem}.md", args.out / f"{stem}.svg")
 
 
 def render(args, results: list[Result], bandwidths: tuple[float, float], ours, same: dict, memory: dict, elements: dict,
@@ -276,4 +450,7 @@ def render(args, results: list[Result], bandwidths: tuple[float, float], ours, s
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:  # a wrong table or flag: one line, not a traceback
+        sys.exit(f"bench_generate.py: error: {error}")

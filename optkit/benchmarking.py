@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import platform
 import resource
 import statistics
@@ -295,24 +296,78 @@ def render_table(table: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
+# -- plots (plain SVG: no plotting library, so `optkit bench --plot` works on a bare install) -------------
+CHAR_WIDTH = 0.6  # x the font size: a generous average glyph width of sans-serif text
+PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def text_width(text: str, font_size: float) -> float:
+    """Approximate rendered width of ``text``: SVG has no text metrics without a renderer, so layouts reserve this."""
+    return CHAR_WIDTH * font_size * len(text)
+
+
+def nice_ticks(top: float, count: int = 6) -> list[float]:
+    """Axis ticks 0, s, 2s, ... up to the first tick at or above ``top``, where the step s is 1, 2 or 5 x 10^k.
+
+    The step is the smallest such number giving at most ``count`` intervals, so the axis ends on a round tick
+    and its labels read as round numbers (22, 45, 67 ... become 0, 20, 40 ...).
+    """
+    if not math.isfinite(top) or top <= 0:
+        return [0.0, 1.0]
+    raw = top / max(1, count)
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    intervals = max(1, math.ceil(top / step * (1 - 1e-12)))
+    return [float(f"{i * step:.12g}") for i in range(intervals + 1)]
+
+
+def tick_label(value: float, step: float) -> str:
+    """``value`` with as many decimals as the tick step needs (0.5 -> one decimal, 20 -> none)."""
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+    return f"{value:.{decimals}f}"
+
+
+def svg_text(x: float, y: float, text: str, size: float, anchor: str = "start", extra: str = "") -> str:
+    """One ``<text>`` element, escaped, with rounded coordinates."""
+    attributes = f' text-anchor="{anchor}"' if anchor != "start" else ""
+    return (f'<text x="{x:.1f}" y="{y:.1f}"{attributes} font-size="{size:g}"{extra}>{_xml(text)}</text>')
+
+
 def svg_bars(table: list[dict[str, Any]], path: Path, title: str) -> None:
-    """A dependency-free horizontal bar chart of decode tokens/s, one bar per system and batch."""
-    width, bar, gap, left, top = 720, 18, 6, 300, 40
-    height = top + len(table) * (bar + gap) + 40
-    most = max((row["decode_tok_s"] for row in table), default=1.0) or 1.0
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    """A dependency-free horizontal bar chart of decode tokens/s, one bar per system and batch.
+
+    The canvas grows to fit the longest bar label and the title; a second title line names the batch sizes and
+    workloads, and the value axis has round ticks ending at the last one.
+    """
+    bar, gap, top, plot_width = 18, 6, 58, 400
+    labels = [f"{row['system']}, batch {row['batch']}" for row in table]
+    values = [f"{row['decode_tok_s']:.1f}" for row in table]
+    batches = ", ".join(str(b) for b in dict.fromkeys(row["batch"] for row in table))
+    workloads = ", ".join(dict.fromkeys(str(row["workload"]) for row in table))
+    subtitle = f"batch {batches}; prompt+new tokens {workloads}; medians"
+    left = 10 + max((text_width(label, 11) for label in labels), default=0) + 8
+    right = max((text_width(value, 11) for value in values), default=0) + 16
+    ticks = nice_ticks(max((row["decode_tok_s"] for row in table), default=0.0))
+    width = math.ceil(max(left + plot_width + right, text_width(title, 14) + 20, text_width(subtitle, 12) + 20))
+    axis_y = top + len(table) * (bar + gap)
+    height = axis_y + 50
+    scale = plot_width / ticks[-1]
     systems = list(dict.fromkeys(row["system"] for row in table))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
-             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{_xml(title)}</text>']
-    for i, row in enumerate(table):
+             svg_text(width / 2, 20, title, 14, "middle"), svg_text(width / 2, 38, subtitle, 12, "middle")]
+    for tick in ticks:
+        x = left + tick * scale
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{axis_y}" stroke="#ddd"/>')
+        parts.append(svg_text(x, axis_y + 14, tick_label(tick, ticks[1]), 10, "middle"))
+    for i, (row, label, value) in enumerate(zip(table, labels, values)):
         y = top + i * (bar + gap)
-        length = (width - left - 80) * row["decode_tok_s"] / most
-        color = colors[systems.index(row["system"]) % len(colors)]
-        parts.append(f'<text x="{left - 6}" y="{y + bar - 5}" text-anchor="end" font-size="11">'
-                     f'{_xml(row["system"])}, batch {row["batch"]}</text>')
+        length = row["decode_tok_s"] * scale
+        color = PALETTE[systems.index(row["system"]) % len(PALETTE)]
+        parts.append(svg_text(left - 6, y + bar - 5, label, 11, "end"))
         parts.append(f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{bar}" fill="{color}"/>')
-        parts.append(f'<text x="{left + length + 4:.1f}" y="{y + bar - 5}" font-size="11">{row["decode_tok_s"]:.1f}</text>')
-    parts.append(f'<text x="{left}" y="{height - 12}" font-size="12">decode tokens/s (median)</text>')
+        parts.append(svg_text(left + length + 4, y + bar - 5, value, 11))
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_width}" y2="{axis_y}" stroke="black"/>')
+    parts.append(svg_text(left + plot_width / 2, axis_y + 34, "decode tokens/s (median)", 12, "middle"))
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
 

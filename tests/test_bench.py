@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from optkit import benchmarking
 from optkit.cli import main
@@ -103,3 +108,151 @@ def test_bad_arguments_are_one_error_naming_them(capsys, argv, named):
 def test_check_variant_raises_input_error():
     with pytest.raises(InputError, match="--variants"):
         benchmarking.check_variant("eager//compile")
+
+
+# -- plots: round ticks, nothing clipped, drawn from the recorded tables (issue 19 §5) -------------------------
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def bench_generate():
+    """benchmarks/bench_generate.py as a module (it is a script, not part of the package)."""
+    if "bench_generate" not in sys.modules:  # registered before it runs: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "benchmarks" / "bench_generate.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_generate"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_generate"]
+
+
+def is_round_step(step: float) -> bool:
+    mantissa = step / 10 ** math.floor(math.log10(step) + 1e-9)
+    return any(math.isclose(mantissa, m, rel_tol=1e-9) for m in (1, 2, 5))
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.floats(min_value=1e-6, max_value=1e9, allow_nan=False), st.integers(min_value=2, max_value=10))
+def test_nice_ticks_are_round_and_end_at_or_above_the_top(top, count):
+    ticks = benchmarking.nice_ticks(top, count)
+    step = ticks[1] - ticks[0]
+    assert ticks[0] == 0 and is_round_step(step)
+    assert all(math.isclose(b - a, step, rel_tol=1e-6) for a, b in zip(ticks, ticks[1:]))
+    assert ticks[-1] >= top * (1 - 1e-9) and ticks[-2] < top  # the axis ends at the first tick at or above the data
+    assert len(ticks) - 1 <= count
+
+
+@pytest.mark.parametrize("top, expected", [
+    (112.0, [0, 20, 40, 60, 80, 100, 120]), (101.5, [0, 20, 40, 60, 80, 100, 120]),
+    (1716.7, [0, 500, 1000, 1500, 2000]), (0.37, [0, 0.1, 0.2, 0.3, 0.4]), (100.0, [0, 20, 40, 60, 80, 100]),
+    (0.0, [0, 1]),
+])
+def test_nice_ticks_examples(top, expected):
+    assert benchmarking.nice_ticks(top) == pytest.approx(expected)
+
+
+def test_tick_labels_have_the_decimals_the_step_needs():
+    assert [benchmarking.tick_label(v, 0.1) for v in (0, 0.1, 0.3)] == ["0.0", "0.1", "0.3"]
+    assert [benchmarking.tick_label(v, 500) for v in (0, 1500)] == ["0", "1500"]
+
+
+def text_box(element: ET.Element) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) an SVG text element covers, with the same width estimate the plotters use; text rotated
+    by -90 degrees about its own anchor point (the y-axis title) is turned accordingly."""
+    x, y, size = float(element.get("x")), float(element.get("y")), float(element.get("font-size"))
+    width = benchmarking.text_width(element.text or "", size)
+    start = {"start": 0.0, "middle": -width / 2, "end": -width}[element.get("text-anchor", "start")]
+    rotation = re.fullmatch(r"rotate\((-?[\d.]+) ([\d.]+) ([\d.]+)\)", element.get("transform", ""))
+    if rotation:
+        assert float(rotation[1]) == -90 and (float(rotation[2]), float(rotation[3])) == (x, y)
+        return x - size, y - start - width, x, y - start
+    return x + start, y - size, x + start + width, y + 0.3 * size
+
+
+def assert_text_inside(svg: Path) -> list[str]:
+    root = ET.parse(svg).getroot()
+    width, height = float(root.get("width")), float(root.get("height"))
+    texts = root.findall(f"{SVG}text")
+    assert texts
+    for element in texts:
+        x0, y0, x1, y1 = text_box(element)
+        assert 0 <= x0 and x1 <= width and 0 <= y0 and y1 <= height, (element.text, (x0, y0, x1, y1), width, height)
+    return [element.text for element in texts]
+
+
+def test_bars_fit_long_labels_and_name_the_batch(tmp_path):
+    table = [{"system": "optkit " + "very-long-attention-backend/" * 3 + "compile", "batch": b, "workload": "128+128",
+              "decode_tok_s": v} for b, v in ((1, 51.6), (8, 110.7))]
+    table.append({"system": "transformers", "batch": 1, "workload": "128+128", "decode_tok_s": 21.8})
+    benchmarking.svg_bars(table, tmp_path / "b.svg", "opt-125m float32 on cpu: decode tokens/s")
+    texts = assert_text_inside(tmp_path / "b.svg")
+    assert "batch 1, 8; prompt+new tokens 128+128; medians" in texts
+    assert [t for t in texts if t in {"0", "20", "40", "60", "80", "100", "120"}] == ["0", "20", "40", "60", "80",
+                                                                                        "100", "120"]
+    assert len(ET.parse(tmp_path / "b.svg").getroot().findall(f"{SVG}rect")) == 3
+
+
+def test_bench_plot_text_is_inside(tiny_run):
+    assert_text_inside(tiny_run[3])
+
+
+TABLE = """### opt-125m on cpu: transformers float32 vs optkit sdpa/torch/float32/compile
+
+- machine: AMD EPYC; 2 torch threads; GPU: none
+- measured read bandwidth (torch sum over 1 GiB): 30.0 GB/s at the start, 32.0 GB/s at the end; percentages ...
+
+| workload | batch | system | time to first token (ms) | decode tok/s | vs transformers | bytes/token (MB) | effective GB/s | % of bandwidth |
+|---|---|---|---|---|---|---|---|---|
+| 128+128 | 1 | transformers | 1.0 [1.0–1.0] | 21.8 [20.8–22.8] | 1.00x | 509 | 11.1 | 34% |
+| context 128+32 | 1 | transformers | 1.0 [1.0–1.0] | 20.0 [20.0–20.0] | 1.00x | 500 | 11.1 | 34% |
+| context 128+32 | 1 | optkit sdpa/torch/float32/compile | 1.0 [1.0–1.0] | 60.0 [60.0–60.0] | 3.00x | 500 | 30.0 | 94% |
+| context 1900+32 | 1 | transformers | 1.0 [1.0–1.0] | 15.0 [15.0–15.0] | 1.00x | 640 | 9.6 | 30% |
+| context 1900+32 | 1 | optkit sdpa/torch/float32/compile | 1.0 [1.0–1.0] | 35.0 [35.0–35.0] | 2.33x | 640 | 22.4 | 70% |
+"""
+EXTRA = """### opt-125m on cpu: transformers float32 vs optkit eager/torch/float32/compile
+
+- machine: AMD EPYC; 2 torch threads; GPU: none
+- measured read bandwidth (torch sum over 1 GiB): 40.0 GB/s
+
+| workload | batch | system | time to first token (ms) | decode tok/s | vs transformers | bytes/token (MB) | effective GB/s | % of bandwidth |
+|---|---|---|---|---|---|---|---|---|
+| 128+128 | 1 | transformers | 1.0 [1.0–1.0] | 22.0 [22.0–22.0] | 1.00x | 509 | 11.1 | 34% |
+| 128+128 | 1 | optkit eager/torch/float32/compile | 1.0 [1.0–1.0] | 52.0 [52.0–52.0] | 2.36x | 509 | 26.3 | 81% |
+"""
+
+
+def polyline_values(svg: Path) -> list[int]:
+    return [len(p.get("points").split()) for p in ET.parse(svg).getroot().findall(f"{SVG}polyline")]
+
+
+def test_replot_draws_the_recorded_sweep_with_extra_compiled_points(tmp_path):
+    module = bench_generate()
+    (tmp_path / "sweep.md").write_text(TABLE, encoding="utf-8")
+    (tmp_path / "extra.md").write_text(EXTRA, encoding="utf-8")
+    module.replot(tmp_path / "sweep.md", tmp_path / "p.svg", [tmp_path / "extra.md"], bandwidth_line=True)
+    texts = assert_text_inside(tmp_path / "p.svg")
+    assert texts[0] == "opt-125m, float32, cpu (AMD EPYC, 2 threads), batch 1: decode tokens/s"
+    assert {"transformers", "optkit sdpa/torch/float32/compile", "optkit eager/torch/float32/compile",
+            "batch 1, 128+128, separate run (transformers 22.0 there)"} <= set(texts)
+    assert "32 GB/s (torch.sum, same run) / float32 bytes per token" in texts  # the higher of the two measurements
+    assert polyline_values(tmp_path / "p.svg") == [2, 2, 2]  # two sweep lines and the bandwidth line
+    root = ET.parse(tmp_path / "p.svg").getroot()
+    assert len(root.findall(f"{SVG}circle")) == 2 * 2 + 1 + 1  # sweep points, the extra point, its legend marker
+
+
+def test_replot_of_a_table_without_a_sweep_is_one_input_error(tmp_path):
+    (tmp_path / "extra.md").write_text(EXTRA, encoding="utf-8")
+    with pytest.raises(InputError, match=r"extra\.md has no context sweep rows"):
+        bench_generate().replot(tmp_path / "extra.md", tmp_path / "p.svg")
+    (tmp_path / "notes.md").write_text("# notes\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"notes\.md is not a table written by bench_generate\.py"):
+        bench_generate().replot(tmp_path / "notes.md", tmp_path / "p.svg")
+
+
+def test_docs_plots_are_the_recorded_tables_redrawn(tmp_path):
+    """The SVGs docs/ shows are exactly what --replot-docs draws from docs/performance/*.md, with nothing clipped,
+    batch size in the title and a compiled series in each."""
+    for svg in bench_generate().replot_docs(tmp_path):
+        shown = ROOT / "docs" / svg.name
+        assert shown.read_text() == svg.read_text(), f"{shown} is stale: run benchmarks/bench_generate.py --replot-docs"
+        texts = assert_text_inside(shown)
+        assert "batch 1" in texts[0]
+        assert any(t.startswith("optkit") and t.endswith("/compile") for t in texts)
