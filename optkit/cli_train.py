@@ -62,7 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (less memory)")
     p.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32",
-                   help="under torchrun (FSDP2): bf16 compute with fp32 gradient reduction (default: %(default)s)")
+                   help="bf16: autocast the forward in one process (fp32 weights and optimizer); under torchrun "
+                   "(FSDP2) bf16 compute with fp32 gradient reduction (default: %(default)s)")
+    p.add_argument("--tp-size", type=int, help="under torchrun: tensor parallelism within groups of N consecutive "
+                   "ranks and FSDP2 across the groups (a (world / N) x N mesh; the world size must be a multiple "
+                   "of N); default: FSDP2 alone")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     p.set_defaults(func=run_train)
 
@@ -89,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
                        weight_decay=args.weight_decay, eval_every=args.eval_every, eval_fraction=args.eval_fraction,
                        seed=args.seed, grad_clip=args.grad_clip, gradient_checkpointing=args.gradient_checkpointing,
                        resume=not args.no_resume, tokenizer=tokenizer, eval_corpus=args.eval_data,
-                       mixed_precision=args.mixed_precision)
+                       mixed_precision=args.mixed_precision, tp_size=args.tp_size)
     except (OSError, ValueError) as exc:  # OptkitError subclasses go to optkit.cli's handler
         from optkit.errors import OptkitError
 

@@ -13,6 +13,13 @@ block, then the root) and how a run stays equal to one process:
   process;
 * only rank 0 prints and writes ordinary files; DCP files are written by every rank.
 
+With ``tp_size`` > 1 the ranks form a 2-D mesh ("dp", "tp") = (world / tp_size, tp_size), as torchtitan
+does: the model is first split over ``mesh["tp"]`` by the plan its components declare (the code path of
+``from_pretrained(tp_size=N)``), then ``fully_shard`` shards it over ``mesh["dp"]``. The batch is split
+over the dp ranks only -- the ranks of a tp group compute on the same rows -- and the gradient norm counts
+every element once whichever mesh it lives on. DCP checkpoints hold global tensors, so a 2-D checkpoint
+resumes on a 1-D mesh (or any other) and exports to a plain one alike.
+
 Checkpoint layout (``out_dir`` is the training directory)::
 
     out_dir/dcp/latest               name of the newest complete checkpoint (written last: the commit)
@@ -27,6 +34,7 @@ At the end of training rank 0 gathers the full weights and writes ``out_dir/conf
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -77,16 +85,59 @@ def is_fully_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def valid_tp_sizes(world_size: int) -> list[int]:
+    return [n for n in range(1, world_size + 1) if world_size % n == 0]
+
+
+def check_tp_world(tp_size: object, world_size: int) -> None:
+    """``tp_size`` must be a positive divisor of the world size (the dp dimension is world / tp)."""
+    from optkit.parallel.plan import check_tp_size
+
+    check_tp_size(tp_size)
+    assert isinstance(tp_size, int)
+    if world_size % tp_size:
+        raise InputError(f"tp_size {tp_size} does not divide the world size {world_size}: the 2-D mesh is "
+                         f"(world / tp_size) x tp_size ranks; valid tp_size for {world_size} ranks: "
+                         f"{', '.join(map(str, valid_tp_sizes(world_size)))}")
+
+
+def training_mesh(device_type: str, tp_size: int | None = None) -> Any:
+    """Every rank of the default group as a mesh: 1-D ``("dp",)``, or 2-D ``("dp", "tp")`` of shape
+    (world / tp_size, tp_size) when ``tp_size`` > 1 -- consecutive ranks form a tensor-parallel group (on one
+    node, the GPUs that share the fastest links), and rank r is dp rank r // tp_size."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if tp_size is None or tp_size == 1:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    check_tp_world(tp_size, world)
+    return init_device_mesh(device_type, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+
+
+def _split_mesh(mesh: Any) -> tuple[Any, Any]:
+    """(the data-parallel mesh FSDP shards over, the tensor-parallel mesh or None) of a 1-D or 2-D mesh."""
+    if mesh.ndim == 1:
+        return mesh, None
+    if mesh.ndim == 2 and tuple(mesh.mesh_dim_names or ()) == ("dp", "tp"):
+        return mesh["dp"], mesh["tp"]
+    raise InputError(f"a training mesh is 1-D (data parallel) or 2-D named ('dp', 'tp'), got {mesh.ndim}-D with "
+                     f"names {mesh.mesh_dim_names}; build it with optkit.parallel.fsdp.training_mesh(device, tp_size) "
+                     "or init_device_mesh(device, (world // tp, tp), mesh_dim_names=('dp', 'tp'))")
+
+
 def shard_for_training(model: nn.Module, mesh: Any = None, mixed_precision: MixedPrecision = "fp32",
-                       reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``model`` in place with FSDP2 for training: ``fully_shard`` on every decoder block, then the root.
+                       reshard_after_forward: bool = True, *, tp_size: int | None = None) -> nn.Module:
+    """Shard ``model`` in place for training: ``fully_shard`` (FSDP2) on every decoder block, then the root;
+    with tensor parallelism first on a 2-D mesh. Returns ``model``; build the optimizer after this call.
 
     The blocks are found by their interface (``optkit.interfaces.DecoderBlock``), so a plugin's block is
     a unit too; the root unit holds the rest (embeddings, the head -- a tied head shares the embedding
-    unit --, final norm). Parameters become DTensors sharded on dim 0 over ``mesh`` (default: every rank
-    of the default group). Build the optimizer after this call. Returns ``model``.
+    unit --, final norm). ``mesh``: 1-D (default: every rank of the default group), or 2-D named
+    ``("dp", "tp")``; ``tp_size`` > 1 builds that 2-D mesh (:func:`training_mesh`). On a 2-D mesh the model
+    is first split over ``mesh["tp"]`` by the plan its components declare
+    (:func:`optkit.parallel.parallelize`, the path ``from_pretrained(tp_size=N)`` takes), then FSDP2
+    shards every parameter -- split or not -- on dim 0 over ``mesh["dp"]``.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -96,28 +147,66 @@ def shard_for_training(model: nn.Module, mesh: Any = None, mixed_precision: Mixe
     require_process_group("shard_for_training")
     if is_fully_sharded(model) or any(isinstance(p, DTensor) for p in model.parameters()):
         raise InputError(f"{type(model).__name__} is already sharded (FSDP or tensor parallel); shard a plain model "
-                         "once (combining FSDP with tensor parallelism on a 2-D mesh is not supported yet)")
+                         "once (for TP x FSDP pass the plain model with tp_size=N or a ('dp', 'tp') mesh)")
+    device_type = next(model.parameters()).device.type
     if mesh is None:
-        device = next(model.parameters()).device
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+        mesh = training_mesh(device_type, tp_size)
+    dp_mesh, tp_mesh = _split_mesh(mesh)
+    if tp_size not in (None, 1 if tp_mesh is None else tp_mesh.size()):
+        raise InputError(f"tp_size {tp_size} does not match the mesh's {1 if tp_mesh is None else tp_mesh.size()}-rank "
+                         "'tp' dimension; pass one of the two, or both equal")
+    if tp_mesh is not None:
+        from optkit.parallel.tensor_parallel import parallelize
+
+        parallelize(model, mesh=tp_mesh)  # type: ignore[arg-type]
     blocks = [m for m in model.modules() if isinstance(m, DecoderBlock)]
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
 
 def clip_grad_norm_(parameters: list[Tensor], max_norm: float) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for sharded gradients: the norm is that of the whole gradient
-    (summed over the ranks' shards), returned as a plain tensor equal on every rank."""
-    from torch.distributed.tensor import DTensor
+    """``torch.nn.utils.clip_grad_norm_`` for sharded gradients: the norm is that of the whole gradient,
+    returned as a plain tensor equal on every rank.
 
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    On a 2-D mesh the gradients live on two meshes: split ones on ("dp", "tp"), the others (norms,
+    kept-whole biases) on "dp" alone, where every tp rank holds the same values. Every rank adds the squares
+    of its local shards, each divided by the number of ranks that hold that same shard, and one all-reduce
+    over all ranks sums them: each element counts once, whatever mesh it lives on.
+    """
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad:
+        return torch.tensor(0.0)
+    device = with_grad[0].grad.device
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for param in with_grad:
+        local, holders = _local_shard(param.grad)
+        squares += local.detach().float().pow(2).sum() / holders
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(squares)
+    total = squares.sqrt()
+    by_mesh: dict[Any, list[Tensor]] = {}
+    for param in with_grad:  # one foreach call per mesh: DTensor refuses lists that mix meshes
+        by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    for params in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def _local_shard(tensor: Tensor) -> tuple[Tensor, int]:
+    """(this rank's part of ``tensor``, how many ranks of the default group hold that same part)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not isinstance(tensor, DTensor):
+        return tensor, world
+    mesh = tensor.device_mesh
+    replicated = 1
+    for dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Replicate):
+            replicated *= mesh.size(dim)
+    return tensor.to_local(), world // mesh.size() * replicated
 
 
 # ---------------------------------------------------------------------------------- the training run
@@ -139,10 +228,25 @@ class ShardedTraining:
     world_size: int
     mixed_precision: MixedPrecision = "fp32"
     device: str = "cpu"  # where the sharded model and this rank's batches live: the rank's GPU under NCCL
+    tp_size: int = 1  # > 1: tensor parallel over consecutive ranks, FSDP2 over the (world / tp_size) groups
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: groups of ``tp_size`` ranks that see the same rows of the batch."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size  # the row of this rank in the ("dp", "tp") mesh
+
+    @functools.cached_property
+    def mesh(self) -> Any:
+        """The training mesh (1-D "dp" or 2-D ("dp", "tp")), built once on first use."""
+        return training_mesh(torch.device(self.device).type, self.tp_size)
 
     def stream(self, stream: Any) -> Any:
         return stream if self.is_main else _Silent()
@@ -153,23 +257,28 @@ class ShardedTraining:
         if has_adapters(model):
             raise InputError("LoRA adapters cannot be trained sharded yet: FSDP2 checkpoints hold whole models, not "
                              "PEFT adapters; train the adapter in one process (without torchrun, or fsdp=False)")
-        return shard_for_training(model.to(self.device), mixed_precision=self.mixed_precision)
+        return shard_for_training(model.to(self.device), mesh=self.mesh, mixed_precision=self.mixed_precision)
 
     def local_batch(self, batch: Tensor, step_seed: int) -> Tensor:
-        """This rank's contiguous rows of the global batch; reseed so each rank has its own dropout stream
-        (rank 0 keeps the single-process seed, so a 1-rank run equals plain training exactly)."""
-        if batch.shape[0] % self.world_size:
-            raise InputError(f"batch_size {batch.shape[0]} does not divide over {self.world_size} ranks; use a "
-                             f"multiple of {self.world_size} (every rank takes an equal slice of the global batch)")
-        if self.rank:
-            torch.manual_seed((step_seed + 7919 * self.rank) & 0x7FFF_FFFF_FFFF_FFFF)
-        return batch.chunk(self.world_size)[self.rank].to(self.device)
+        """This rank's contiguous rows of the global batch -- the same rows on every rank of one tensor-parallel
+        group --; reseed so each data-parallel rank has its own dropout stream (dp rank 0 keeps the
+        single-process seed, so a 1-rank run equals plain training exactly, and the ranks of a tensor-parallel
+        group draw the same masks, as their replicated activations must stay equal)."""
+        if batch.shape[0] % self.dp_size:
+            over = (f"{self.world_size} ranks" if self.tp_size == 1 else
+                    f"{self.dp_size} data-parallel groups ({self.world_size} ranks / tp_size {self.tp_size})")
+            raise InputError(f"batch_size {batch.shape[0]} does not divide over {over}; use a multiple of "
+                             f"{self.dp_size} (every data-parallel rank takes an equal slice of the global batch)")
+        if self.dp_rank:
+            torch.manual_seed((step_seed + 7919 * self.dp_rank) & 0x7FFF_FFFF_FFFF_FFFF)
+        return batch.chunk(self.dp_size)[self.dp_rank].to(self.device)
 
     def mean(self, loss: Tensor) -> float:
-        """The global batch's loss: the mean of the ranks' losses (equal token counts)."""
+        """The global batch's loss: the mean of the data-parallel ranks' losses (equal token counts); the
+        ranks of a tensor-parallel group computed the same loss, so only the "dp" group is summed."""
         total = loss.detach().float().clone()
-        dist.all_reduce(total)
-        return total.item() / self.world_size
+        dist.all_reduce(total, group=None if self.tp_size == 1 else self.mesh.get_group("dp"))
+        return total.item() / self.dp_size
 
     clip_grad_norm_ = staticmethod(clip_grad_norm_)
 
@@ -198,16 +307,24 @@ class ShardedTraining:
 
 
 def sharded_training(fsdp: bool | None, mixed_precision: MixedPrecision = "fp32",
-                     resume_from: Path | None = None) -> ShardedTraining | None:
-    """The sharded run ``train(fsdp=...)`` asks for, or None for plain training.
+                     resume_from: Path | None = None, tp_size: int | None = None) -> ShardedTraining | None:
+    """The sharded run ``train(fsdp=..., tp_size=...)`` asks for, or None for plain training.
 
     ``None`` (the default): shard when a process group with more than one rank exists (torchrun), or
     when ``resume_from`` holds a sharded checkpoint and a group exists (a 1-process torchrun resumes it);
     ``True``: shard even on one rank, and fail without a process group; ``False``: never. A plain run
     that would silently start over beside ``resume_from``'s sharded checkpoint is refused.
+    ``tp_size`` > 1: a TP x FSDP run on the 2-D mesh (world / tp_size, tp_size); it needs a process group
+    whose size it divides (``None`` or 1: no tensor parallelism).
     """
+    from optkit.parallel.plan import check_tp_size
+
     mixed_precision_policy(mixed_precision)  # a bad name fails before anything runs
+    if tp_size is not None:
+        check_tp_size(tp_size)
     grouped = dist.is_available() and dist.is_initialized()
+    if tp_size is not None and tp_size > 1:
+        _check_tensor_parallel_run(fsdp, tp_size, grouped)
     has_sharded = resume_from is not None and (Path(resume_from) / SHARDED_DIR / LATEST).is_file()
     if fsdp is False or (fsdp is None and not grouped):
         if has_sharded:
@@ -216,11 +333,24 @@ def sharded_training(fsdp: bool | None, mixed_precision: MixedPrecision = "fp32"
                              "turn it into a plain checkpoint with `optkit export`, or pass resume=False "
                              "(--no-resume) to start over")
         return None
-    if fsdp is None and dist.get_world_size() == 1 and not has_sharded:
+    if fsdp is None and dist.get_world_size() == 1 and not has_sharded and (tp_size or 1) == 1:
         return None
     require_process_group("train(fsdp=True)")
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    return ShardedTraining(dist.get_rank(), dist.get_world_size(), mixed_precision, device)
+    return ShardedTraining(dist.get_rank(), dist.get_world_size(), mixed_precision, device, tp_size or 1)
+
+
+def _check_tensor_parallel_run(fsdp: bool | None, tp_size: int, grouped: bool) -> None:
+    """A TP x FSDP run needs FSDP, a process group, and a world size that ``tp_size`` divides."""
+    if fsdp is False:
+        raise InputError(f"tp_size={tp_size} trains on a TP x FSDP 2-D mesh, which fsdp=False turns off; drop "
+                         "fsdp=False, or drop tp_size for plain training")
+    if not grouped:
+        raise InputError(f"tp_size={tp_size} splits the model over the ranks torchrun starts, and no process group "
+                         f"is initialized; launch `torchrun --standalone --nproc-per-node {2 * tp_size} -m optkit.cli "
+                         f"train --tp-size {tp_size} ...` (any multiple of {tp_size} processes; the data-parallel "
+                         f"size is their number / {tp_size})")
+    check_tp_world(tp_size, dist.get_world_size())
 
 
 def join_torchrun_group() -> bool:

@@ -1,0 +1,343 @@
+"""TP x FSDP training on a 2-D ("dp", "tp") mesh, in real gloo processes on CPU, against one process.
+
+Two launches, each with a free port, a deadline and its group torn down: 4 spawned ranks (dp=2 x tp=2)
+train a tiny OPT for 3 steps -- a copy of their step-2 DCP checkpoint is taken on the way --, a tiny
+Open-Llama with gradient checkpointing for 2, and try the sizes that must be refused; then 2 spawned ranks
+resume that copy under 1-D FSDP. This process trains the same runs plainly and compares: losses and
+gradient norms within 1e-5 (relative), every rank's loss equal, the exported checkpoint equal in transformers
+to the plainly trained model. A torchrun subprocess runs ``optkit train --tp-size 2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import optkit
+from optkit import training
+from optkit.cli import main as cli_main
+from optkit.errors import InputError
+from optkit.parallel.fsdp import LATEST, SHARDED_DIR, ShardedTraining, clip_grad_norm_, sharded_training
+from optkit.testing.tensor_parallel import free_port
+DEADLINE_S = 120  # one launch, every rank
+STEPS = 3
+RUN = dict(steps=STEPS, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3, save_every=2,
+           eval_fraction=0.25, log_every=1000, weight_decay=0.1, grad_clip=1.0)  # the norms (~1.5) are clipped
+TOL = 1e-5
+TINY = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
+        "dropout": 0.0}  # exact comparisons run without dropout (ranks of different dp groups draw other masks)
+PROBE = torch.tensor([[2, 17, 40, 99, 5, 250, 3]])
+
+
+def documents() -> list[str]:
+    return [f"# module {i}\n" + "\n".join(f"def f_{i}_{j}(v):\n    return v + {j}\n" for j in range(6))
+            for i in range(16)]
+
+
+@functools.cache
+def tokenizer() -> Any:
+    return training.train_bpe(documents(), vocab_size=TINY["vocab_size"])
+
+
+def spec() -> optkit.ModelSpec:
+    return optkit.load_spec("opt-tiny", decoder=TINY)
+
+
+def llama_spec() -> optkit.ModelSpec:
+    """Open-Llama (RMSNorm, rotary positions, SwiGLU, untied vocabulary-split head), dropout 0."""
+    return optkit.load_spec("open-llama-tiny-v2-style", decoder={
+        "vocab_size": TINY["vocab_size"], "hidden_size": 32, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
+        "attention_dropout": 0.0, "mlp": {"name": "gated", "params": {"activation": "silu", "dropout": 0.0}}})
+
+
+def train(out: Path, **overrides: Any) -> training.TrainResult:
+    model_spec = overrides.pop("spec", None) or spec()
+    return training.train(model_spec, documents(), out_dir=out, tokenizer=tokenizer(), **{**RUN, **overrides})
+
+
+def error_text(call: Callable[[], Any]) -> str:
+    """The message of the InputError ``call`` raises (every rank raises the same), or 'no error'."""
+    try:
+        call()
+    except InputError as exc:
+        return str(exc)
+    return "no error"
+
+
+def relative_difference(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) > 0
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+class Recorder:
+    """Records what each training step did -- the batch rows this rank kept, the clipped gradient norm --
+    by wrapping the functions ``optkit.training`` calls; the originals come back on exit."""
+
+    def __init__(self, sharded: bool) -> None:
+        self.rows: list[list[int]] = []
+        self.norms: list[float] = []
+        self.sharded = sharded
+
+    def __enter__(self) -> "Recorder":
+        self.real_slice, self.real_clip = ShardedTraining.local_batch, torch.nn.utils.clip_grad_norm_
+        recorder = self
+
+        def record_slice(self: ShardedTraining, batch: torch.Tensor, step_seed: int) -> torch.Tensor:
+            local = recorder.real_slice(self, batch, step_seed)
+            recorder.rows.append([i for i in range(batch.shape[0]) if any(torch.equal(batch[i], r) for r in local)])
+            return local
+
+        def record_norm(clip: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+            def clipped(*args: Any, **kwargs: Any) -> torch.Tensor:
+                norm = clip(*args, **kwargs)
+                recorder.norms.append(norm.item())
+                return norm
+            return clipped
+
+        ShardedTraining.local_batch = record_slice  # type: ignore[method-assign]
+        if self.sharded:
+            ShardedTraining.clip_grad_norm_ = staticmethod(record_norm(clip_grad_norm_))  # type: ignore[assignment]
+        else:
+            torch.nn.utils.clip_grad_norm_ = record_norm(self.real_clip)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ShardedTraining.local_batch = self.real_slice  # type: ignore[method-assign]
+        ShardedTraining.clip_grad_norm_ = staticmethod(clip_grad_norm_)  # type: ignore[assignment]
+        torch.nn.utils.clip_grad_norm_ = self.real_clip
+
+
+# -- the ranks ---------------------------------------------------------------------------------------
+def _copy_at_step_2(work: Path) -> Callable[[], None]:
+    """Wrap ShardedTraining.save so that rank 0 copies the run directory right after the step-2 checkpoint
+    (the later save removes it); returns the function that undoes the wrap."""
+    real_save = ShardedTraining.save
+
+    def save(self: ShardedTraining, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+             out: Path) -> None:
+        real_save(self, model, optimizer, scheduler, state, out)
+        if state["step"] == 2 and self.is_main:
+            shutil.copytree(out, work / "resume_1d")
+        dist.barrier()
+
+    ShardedTraining.save = save  # type: ignore[method-assign]
+    return lambda: setattr(ShardedTraining, "save", real_save)
+
+
+def _two_d(work: Path) -> dict[str, Any]:
+    rank = dist.get_rank()
+    undo = _copy_at_step_2(work)
+    try:
+        with Recorder(sharded=True) as seen:
+            result = train(work / "two_d", tp_size=2)
+    finally:
+        undo()
+    model = result.model
+    q = model.get_parameter("decoder.layers.0.self_attn.q_proj.weight")  # split by TP, then by FSDP
+    norm = model.get_parameter("decoder.layers.0.self_attn_layer_norm.weight")  # kept whole by TP
+    with torch.no_grad():
+        logits = model(PROBE).logits  # every rank runs the 2-D sharded forward pass
+    return {"losses": result.losses, "norms": seen.norms, "logits": logits.tolist(),
+            "q_mesh": list(q.device_mesh.mesh_dim_names), "q_share": q.to_local().numel() / q.numel(),
+            "norm_mesh": list(norm.device_mesh.mesh_dim_names),
+            "llama": train(work / "llama", steps=2, spec=llama_spec(), tp_size=2, gradient_checkpointing=True).losses,
+            "odd_tp": error_text(lambda: train(work / "odd_tp", steps=1, tp_size=3)),
+            "heads": error_text(lambda: train(work / "heads", steps=1, tp_size=4)),
+            "odd_batch": error_text(lambda: train(work / "odd_batch", steps=1, batch_size=3, tp_size=2)),
+            f"rows{rank}": seen.rows}
+
+
+def _resume_1d(work: Path) -> dict[str, Any]:
+    result = train(work / "resume_1d")  # fsdp=None, tp_size=None: 1-D FSDP over the 2 ranks
+    return {"losses": result.losses, "resumed_from": result.resumed_from}
+
+
+PHASES = {"two_d": (4, _two_d), "resume_1d": (2, _resume_1d)}
+
+
+def _rank_main(rank: int, phase: str, port: int, work: str) -> None:
+    torch.set_num_threads(1)
+    world, body = PHASES[phase]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        result = body(Path(work))
+        (Path(work) / f"{phase}.rank{rank}.json").write_text(json.dumps(result))
+    except BaseException:
+        (Path(work) / f"{phase}.rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(phase: str, work: Path) -> list[dict[str, Any]]:
+    """Spawn the phase's ranks, wait at most DEADLINE_S, end any still running, return each rank's result."""
+    world = PHASES[phase][0]
+    context = mp.start_processes(_rank_main, args=(phase, free_port(), str(work)), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"2-D phase {phase} did not finish within {DEADLINE_S} s")
+    except mp.ProcessRaisedException:
+        errors = "\n".join(p.read_text() for p in work.glob(f"{phase}.rank*.err"))
+        pytest.fail(f"2-D phase {phase} failed:\n{errors}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(10)
+    return [json.loads((work / f"{phase}.rank{rank}.json").read_text()) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("parallel_2d")
+
+
+@pytest.fixture(scope="module")
+def ranks(work: Path) -> dict[str, Any]:
+    """Both launches' results; every rank of a launch must return the same (rank 0's are kept)."""
+    four = launch("two_d", work)
+    rows = [four[rank].pop(f"rows{rank}") for rank in range(4)]
+    assert all(result == four[0] for result in four)  # losses, norms, logits, errors: equal on every rank
+    resumed = launch("resume_1d", work)
+    assert resumed[0] == resumed[1]
+    return {**four[0], "rows": rows, "resumed": resumed[0]["losses"], "resumed_from": resumed[0]["resumed_from"]}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same run in this process, without a process group (plain training)."""
+    with Recorder(sharded=False) as seen:
+        result = train(tmp_path_factory.mktemp("single") / "run")
+    with torch.no_grad():
+        logits = result.model.eval()(PROBE).logits
+    llama = train(tmp_path_factory.mktemp("single") / "llama", steps=2, spec=llama_spec(), gradient_checkpointing=True)
+    return {"losses": result.losses, "norms": seen.norms, "logits": logits, "llama": llama.losses}
+
+
+# -- equality with one process -----------------------------------------------------------------------
+def test_dp2_x_tp2_trains_like_one_process(ranks, single):
+    assert relative_difference(ranks["losses"], single["losses"]) <= TOL
+    assert relative_difference(ranks["norms"], single["norms"]) <= TOL  # the clipped norm over both mesh dims
+    assert min(single["norms"]) > RUN["grad_clip"]  # so clipping really acted on every step
+    assert ranks["losses"][-1] < ranks["losses"][0]
+
+
+def test_open_llama_with_gradient_checkpointing_trains_on_the_2d_mesh_like_one_process(ranks, single):
+    assert relative_difference(ranks["llama"], single["llama"]) <= TOL
+
+
+def test_parameters_are_split_over_both_mesh_dimensions(ranks):
+    assert ranks["q_mesh"] == ["dp", "tp"] and ranks["q_share"] == 0.25  # TP halves, FSDP halves again
+    assert ranks["norm_mesh"] == ["dp"]  # kept whole by TP: FSDP alone shards it
+
+
+def test_batch_is_split_over_the_dp_ranks_only(ranks):
+    halves = [[0, 1]] * STEPS, [[2, 3]] * STEPS
+    assert ranks["rows"] == [halves[0], halves[0], halves[1], halves[1]]  # a tp group shares its rows
+
+
+def test_exported_checkpoint_loads_in_transformers_like_the_single_process_model(ranks, single, work):
+    from transformers import OPTForCausalLM
+
+    hf = OPTForCausalLM.from_pretrained(work / "two_d").eval()
+    with torch.no_grad():
+        hf_logits = hf(PROBE).logits
+    assert torch.allclose(hf_logits, single["logits"], rtol=TOL, atol=TOL)
+    assert torch.allclose(torch.tensor(ranks["logits"]), single["logits"], rtol=TOL, atol=TOL)
+    shards = {p.name for p in (work / "two_d" / SHARDED_DIR / "step-00000003").glob("*.distcp")}
+    assert shards == {f"__{rank}_0.distcp" for rank in range(4)}
+
+
+def test_2d_checkpoint_resumes_under_1d_fsdp_on_2_ranks(ranks, single, work):
+    assert (work / "resume_1d" / SHARDED_DIR / LATEST).read_text().strip() == "step-00000003"
+    assert ranks["resumed_from"] == 2
+    assert ranks["resumed"][:2] == ranks["losses"][:2]  # the 2-D run's, from its trainer state
+    assert relative_difference(ranks["resumed"], single["losses"]) <= TOL  # step 3 on the 1-D mesh
+
+
+# -- sizes that cannot work --------------------------------------------------------------------------
+def test_tp_size_that_does_not_divide_the_world_is_refused(ranks):
+    assert "tp_size 3 does not divide the world size 4" in ranks["odd_tp"]
+    assert "valid tp_size for 4 ranks: 1, 2, 4" in ranks["odd_tp"]
+
+
+def test_tp_size_the_model_cannot_split_and_a_batch_the_dp_ranks_cannot_share_are_refused(ranks):
+    assert "tp_size 4 does not divide the 2 attention heads" in ranks["heads"]
+    assert "valid tp_size for this model: 1, 2" in ranks["heads"]
+    assert "batch_size 3 does not divide over 2 data-parallel groups (4 ranks / tp_size 2)" in ranks["odd_batch"]
+
+
+def test_tp_size_outside_torchrun_names_the_command(tmp_path):
+    with pytest.raises(InputError, match=r"tp_size=2 .*torchrun --standalone --nproc-per-node 4 -m optkit.cli "
+                                         r"train --tp-size 2"):
+        train(tmp_path / "run", tp_size=2)
+    with pytest.raises(InputError, match="tp_size=2 trains on a TP x FSDP 2-D mesh, which fsdp=False turns off"):
+        sharded_training(False, tp_size=2)
+    with pytest.raises(InputError, match="tp_size must be a positive integer.*got 0"):
+        sharded_training(None, tp_size=0)
+    assert sharded_training(None, tp_size=1) is None  # one rank per tp group: plain training here
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was trained
+
+
+def test_optkit_train_tp_size_outside_torchrun_fails_with_the_command(tmp_path, capsys):
+    code = cli_main(["train", "--spec", "opt-tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                     "--tp-size", "2"])
+    assert code != 0
+    assert "--tp-size 2" in capsys.readouterr().err
+
+
+def test_optkit_train_tp_size_under_torchrun(tmp_path):
+    """The command line on a 1 x 2 mesh (tp=2, dp=1): a real torchrun, rank 0 alone prints."""
+    training.save_opt_tokenizer(tokenizer(), tmp_path / "tok")
+    (tmp_path / "tiny.yaml").write_text(spec().to_yaml(), encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    for i, doc in enumerate(documents()):
+        (tmp_path / "data" / f"doc{i:02d}.py").write_text(doc, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "optkit.cli", "train", "--spec", str(tmp_path / "tiny.yaml"), "--data", str(tmp_path / "data"),
+               "--out", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
+               "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-fraction", "0.25",
+               "--tp-size", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: step 2") == 1
+    assert (tmp_path / "run" / SHARDED_DIR / "step-00000002" / "__1_0.distcp").is_file()
+    assert optkit.from_pretrained(tmp_path / "run").spec.decoder.hidden_size == TINY["hidden_size"]
+
+
+def test_shard_for_training_refuses_a_mesh_it_cannot_read(tmp_path):
+    """In a 1-rank group here: a 2-D mesh must be named ("dp", "tp"), and tp_size must match its "tp" size."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from optkit.parallel import shard_for_training
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        unnamed = init_device_mesh("cpu", (1, 1), mesh_dim_names=("rows", "cols"))
+        with pytest.raises(InputError, match=r"2-D named \('dp', 'tp'\), got 2-D with names \('rows', 'cols'\)"):
+            shard_for_training(optkit.build(spec()), mesh=unnamed)
+        flat = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+        with pytest.raises(InputError, match="tp_size 2 does not match the mesh's 1-rank 'tp' dimension"):
+            shard_for_training(optkit.build(spec()), mesh=flat, tp_size=2)
+    finally:
+        dist.destroy_process_group()
