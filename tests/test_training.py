@@ -141,6 +141,23 @@ def test_explicit_held_out_corpus_and_no_resume(tmp_path, corpus, tokenizer):
     assert again.resumed_from == 0 and again.losses == first.losses
 
 
+def test_bf16_autocast_trains_fp32_weights_close_to_fp32_training(tmp_path, corpus, tokenizer):
+    """mixed_precision="bf16" in one process: the forward runs in bf16 (so the losses differ from fp32 by
+    bf16 rounding, not more), the weights, gradients and checkpoint stay fp32, and the run is reproducible."""
+    fp32 = run(tmp_path / "fp32", corpus, tokenizer, steps=8)
+    bf16 = run(tmp_path / "bf16", corpus, tokenizer, steps=8, mixed_precision="bf16")
+    again = run(tmp_path / "again", corpus, tokenizer, steps=8, mixed_precision="bf16")
+    assert bf16.losses == again.losses
+    assert bf16.losses != fp32.losses  # autocast really ran
+    for a, b in zip(fp32.losses, bf16.losses):
+        assert abs(a - b) <= 0.02 * a
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.float32}
+    saved = torch.load(tmp_path / "bf16" / TRAINER_STATE, weights_only=True)
+    assert saved["config"]["mixed_precision"] == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        run(tmp_path / "bad", corpus, tokenizer, steps=2, mixed_precision="fp8")
+
+
 def test_vocabulary_mismatch_is_reported(tmp_path, corpus, tokenizer):
     with pytest.raises(ValueError, match="vocabulary"):
         run(tmp_path, corpus, tokenizer, spec=tiny_spec(vocab_size=200))
