@@ -195,6 +195,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus", choices=("library", "stdlib"), default="library",
                    help="library: the standard library's modules; stdlib: also its test suite and tools "
                         "(the tokenizer is trained on the library modules either way)")
+    p.add_argument("--library-weight", type=int, default=1,
+                   help="with --corpus stdlib: from --library-weight-from on, each library module counts this often")
+    p.add_argument("--library-weight-from", type=int, default=0, help="the step where --library-weight starts")
     p.add_argument("--mixed-precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast the forward (about 2x faster on CPUs with AMX / AVX512-BF16)")
     return p.parse_args(argv)
@@ -204,19 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     library_files, held_out_files = split_corpus(stdlib_dir())
-    train_files = library_files + (extra_files(stdlib_dir()) if args.corpus == "stdlib" else [])
-    chars = sum(p.stat().st_size for p in train_files)
-    print(f"corpus: {len(train_files)} train files ({chars / 1e6:.1f} MB), {len(held_out_files)} held out",
-          flush=True)
+    extras = extra_files(stdlib_dir()) if args.corpus == "stdlib" else []
     tokenizer_dir = build_tokenizer(library_files, args.work / "tokenizer", args)  # the same for both corpora
-    result = train(model_spec(args), train_files, eval_corpus=held_out_files, out_dir=args.work / "run",
-                   tokenizer=tokenizer_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                   lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=0.1, eval_every=args.eval_every,
-                   eval_fraction=0.0, seed=args.seed, grad_clip=1.0, min_lr_ratio=0.1, eval_windows=64,
-                   mixed_precision=args.mixed_precision)
-    timing = _accumulate_wall_time(args.work / "wall_time.json", result)
+    for stop_at, train_files in phases(args, library_files, extras):
+        chars = sum(p.stat().st_size for p in train_files)
+        print(f"corpus{'' if stop_at is None else f' until step {stop_at}'}: {len(train_files)} train files "
+              f"({chars / 1e6:.1f} MB), {len(held_out_files)} held out", flush=True)
+        result = train(model_spec(args), train_files, eval_corpus=held_out_files, out_dir=args.work / "run",
+                       tokenizer=tokenizer_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                       lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=0.1, eval_every=args.eval_every,
+                       eval_fraction=0.0, seed=args.seed, grad_clip=1.0, min_lr_ratio=0.1, eval_windows=64,
+                       mixed_precision=args.mixed_precision, stop_at=stop_at)
+        timing = _accumulate_wall_time(args.work / "wall_time.json", result)
     settings = ("steps", "batch_size", "seq_len", "lr", "seed", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "ffn_dim", "max_positions", "corpus", "mixed_precision")
+                "ffn_dim", "max_positions", "corpus", "mixed_precision", "library_weight", "library_weight_from")
     summary = {**{k: getattr(args, k) for k in settings},
                "python": platform.python_version(), "train_files": len(train_files),
                "heldout_files": len(held_out_files), "wall_time_min": timing / 60,
@@ -227,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def phases(args: argparse.Namespace, library: list[Path], extras: list[Path]) -> list[tuple[int | None, list[Path]]]:
+    """(last step or None for the end, training files) per phase. With ``--library-weight W --library-weight-from
+    S`` the run switches at step S to a mix that repeats each library module W times, so the end of the
+    schedule (the decaying learning rate) sees mostly the kind of text the held-out modules are."""
+    if args.library_weight == 1 or not extras:
+        return [(None, library + extras)]
+    return [(args.library_weight_from, library + extras), (None, library * args.library_weight + extras)]
 
 
 def command_line(argv: list[str]) -> str:

@@ -370,7 +370,7 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
           grad_clip: float = 1.0, gradient_checkpointing: bool = False, resume: bool = True,
           tokenizer: Any = None, eval_corpus: Corpus | None = None, log_every: int = 10,
           stream: TextIO | None = None, fsdp: bool | None = None, mixed_precision: str = "fp32",
-          tp_size: int | None = None, **more_settings: Any) -> TrainResult:
+          tp_size: int | None = None, stop_at: int | None = None, **more_settings: Any) -> TrainResult:
     """Train a causal LM on ``corpus`` and checkpoint it into ``out_dir``; rerunning resumes.
 
     ``spec_or_model``: a spec / preset name / YAML path (built with ``seed``) or a built model.
@@ -384,6 +384,8 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     ``mixed_precision`` "fp32" or "bf16": under FSDP its precision policy (optkit.parallel.fsdp,
     docs/distributed.md); in one process, ``torch.autocast`` to bf16 around the forward, with the weights,
     gradients and optimizer state kept in fp32 (on CPUs with AMX / AVX512-BF16 about 2x faster).
+    ``stop_at``: end this call after that step (checkpointed) without finishing the schedule; a later call
+    with the same settings resumes there -- a long run in several parts, or a change of corpus at a fixed step.
     ``tp_size``: under torchrun, train on a 2-D mesh (world / tp_size, tp_size): tensor parallelism within
     groups of ``tp_size`` consecutive ranks, FSDP2 across the groups, the batch split over the groups only
     (``None``: no tensor parallelism; the world size must be a multiple of ``tp_size``).
@@ -409,7 +411,7 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     train_stream, eval_stream = _token_streams(model, backend, corpus, eval_corpus, config, progress)
     if sharded is None or sharded.is_main:
         _save_tokenizer_files(tokenizer, backend, out, model)
-    return _run(model, train_stream, eval_stream, config, out, resume, progress, sharded)
+    return _run(model, train_stream, eval_stream, config, out, resume, progress, sharded, stop_at)
 
 
 def _model(spec_or_model: Any, seed: int) -> nn.Module:
@@ -461,7 +463,7 @@ def _save_tokenizer_files(source: Any, backend: Any, out: Path, model: nn.Module
 
 
 def _run(model: nn.Module, train_stream: Tensor, eval_stream: Tensor, config: TrainConfig, out: Path, resume: bool,
-         progress: Progress, sharded: Any = None) -> TrainResult:
+         progress: Progress, sharded: Any = None, stop_at: int | None = None) -> TrainResult:
     started = time.perf_counter()
     model.train()
     model.gradient_checkpointing_enable(config.gradient_checkpointing)
@@ -476,14 +478,15 @@ def _run(model: nn.Module, train_stream: Tensor, eval_stream: Tensor, config: Tr
                          num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
     held_out = eval_windows(eval_stream, seq_len=config.seq_len, max_windows=config.eval_windows)
     save_every = config.save_every or config.eval_every
-    while result.step < config.steps:
+    end = config.steps if stop_at is None else max(0, min(stop_at, config.steps))
+    while result.step < end:
         loss, lr, grad_norm = _train_step(model, optimizer, scheduler, train_stream, config, result.step,
                                           sharded=sharded)
         result.step += 1
         result.losses.append(loss)
         result.tokens_seen += config.batch_size * config.seq_len
         progress.update(result.step, loss, lr, grad_norm, config.batch_size * config.seq_len)
-        last = result.step == config.steps
+        last = result.step == end
         if held_out.numel() and (result.step % config.eval_every == 0 or last):
             result.evals.append((result.step, perplexity(model, held_out)))
             progress.say(f"eval step {result.step}: held-out perplexity {result.evals[-1][1]:.3f} "

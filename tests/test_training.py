@@ -158,6 +158,18 @@ def test_bf16_autocast_trains_fp32_weights_close_to_fp32_training(tmp_path, corp
         run(tmp_path / "bad", corpus, tokenizer, steps=2, mixed_precision="fp8")
 
 
+def test_stop_at_ends_early_and_a_rerun_finishes_the_same_schedule(tmp_path, corpus, tokenizer):
+    """A run in two parts (``stop_at``, then a plain rerun) equals one straight run, weights included."""
+    straight = run(tmp_path / "straight", corpus, tokenizer, steps=12, eval_every=4)
+    first = run(tmp_path / "parts", corpus, tokenizer, steps=12, eval_every=4, stop_at=8)
+    assert first.step == 8 and len(first.losses) == 8
+    assert torch.load(tmp_path / "parts" / TRAINER_STATE, weights_only=True)["step"] == 8
+    rest = run(tmp_path / "parts", corpus, tokenizer, steps=12, eval_every=4)
+    assert rest.resumed_from == 8 and rest.losses == straight.losses
+    for key, value in weights(straight.model).items():
+        assert torch.equal(weights(rest.model)[key], value), key
+
+
 def test_vocabulary_mismatch_is_reported(tmp_path, corpus, tokenizer):
     with pytest.raises(ValueError, match="vocabulary"):
         run(tmp_path, corpus, tokenizer, spec=tiny_spec(vocab_size=200))
