@@ -26,6 +26,7 @@ _PROBES: dict[str, Callable[[], bool]] = {
     "tensor_version": lambda: hasattr(torch.empty(0), "_version"),
     "mkldnn_linear": lambda: torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
+    "mkldnn_nbytes": lambda: torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_nbytes"),
 }
 NAMES = tuple(_PROBES)
 _off: set[str] = set()
@@ -115,3 +116,36 @@ def mkldnn_pack(weight: Tensor) -> Tensor:
 
 def mkldnn_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def mkldnn_nbytes(packed: Tensor) -> int | None:
+    """Bytes a oneDNN-layout tensor holds (padding included), or None when this torch cannot tell."""
+    if not available("mkldnn_nbytes"):
+        return None
+    return int(torch.ops.mkldnn._nbytes(packed))
+
+
+_plain_layout: dict[torch.dtype, bool] = {}
+
+
+def mkldnn_weight_layout_is_plain(dtype: torch.dtype) -> bool:
+    """Whether oneDNN keeps a one-row linear's ``dtype`` weight in the plain row-major layout.
+
+    Then packing is a byte-for-byte copy (oneDNN's reorder is a ``direct_copy`` ``ab -> ab``) and
+    :func:`mkldnn_linear` may be handed the dense weight itself. Probe: pack a weight whose dimensions
+    are multiples of no block size (97 x 131); every blocked layout pads it, the plain one does not.
+    False when unsure (no oneDNN, no ``_nbytes``): callers then pack, which is correct everywhere.
+    A permuted plain layout (``ba``) would also read as plain; that costs speed, never values, since
+    oneDNN computes correctly from a dense weight in any case.
+    """
+    if not (available("mkldnn_linear") and available("mkldnn_nbytes")):
+        return False
+    if dtype not in _plain_layout:
+        probe = torch.zeros(97, 131, dtype=dtype)
+        _plain_layout[dtype] = mkldnn_nbytes(mkldnn_pack(probe)) == probe.nelement() * probe.element_size()
+    return _plain_layout[dtype]
+
+
+def mkldnn_unpack(packed: Tensor) -> Tensor:
+    """A packed weight back as an ordinary dense tensor (the same values, whatever its layout)."""
+    return packed.to_dense()
