@@ -45,6 +45,9 @@ EXTRA_DIRS = ("test", "idlelib", "lib2to3", "pydoc_data")
 HELD_OUT_STEMS = ("bisect", "colorsys", "fractions", "graphlib", "heapq", "json", "netrc", "queue", "sched", "shlex",
                   "textwrap", "email", "quopri")
 EXTRA_MAX_BYTES = 400_000  # larger test files are data tables, not prose or code
+# Decoding defaults shipped as generation_config.json: chosen by examples/choose_generation_defaults.py
+# (the table and the reasons are in docs/generation.md); --generation-defaults none ships none.
+GENERATION_DEFAULTS = {"do_sample": False, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
 HELD_OUT_SAMPLE = "heldout.txt"  # shipped with the model: a fixed text the tests score
 SAMPLE_CHARS = 6000
 
@@ -122,6 +125,8 @@ def build_tokenizer(train_files: list[Path], directory: Path, args: argparse.Nam
 def export(run_dir: Path, tokenizer_dir: Path, out: Path, held_out_files: list[Path], summary: dict) -> dict:
     """fp16 weights + tokenizer + a held-out sample + README into ``out``; returns measured numbers."""
     model = optkit.from_pretrained(run_dir, dtype=torch.float16)
+    if summary.get("generation_defaults"):
+        model.generation_config = optkit.GenerationConfig(**summary["generation_defaults"])
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         if stale.is_file():
@@ -161,8 +166,8 @@ A small OPT ({s['parameters']:,} parameters; {s['num_layers']} layers, hidden {s
 {s['num_heads']} heads, ffn {s['ffn_dim']}, vocabulary {s['vocab_size']}, {s['max_positions']} positions),
 trained from scratch so that optkit works offline. It writes Python-flavoured text; it knows nothing else.
 
-- Corpus: the Python {s['python']} standard library's own `.py` source (code, comments and docstrings),
-  {s['train_files']} modules for training, {s['heldout_files']} held out (see `docs/default-model.md` for the rule).
+- Corpus: {corpus_line(s)}
+  {s['heldout_files']} modules held out (see `docs/default-model.md` for the rule).
 - License of the corpus: Python Software Foundation License (PSF-2.0).
 - Tokenizer: byte-level BPE trained on the same corpus (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3; `</s>` is prepended).
 - Command: `{s['command']}`
@@ -172,6 +177,16 @@ trained from scratch so that optkit works offline. It writes Python-flavoured te
 - Weights: fp16 safetensors; loads with `optkit.from_pretrained` and `transformers.OPTForCausalLM`.
 - `{HELD_OUT_SAMPLE}`: the first {SAMPLE_CHARS} characters of the held-out modules, scored by the tests.
 """
+
+
+def corpus_line(s: dict) -> str:
+    library = "the Python {python} standard library's own `.py` modules (code, comments and docstrings)".format(**s)
+    if s.get("corpus") != "stdlib":
+        return f"{library}, {s['train_files']} files for training,"
+    weight = (f"; from step {s['library_weight_from']} each library module counts {s['library_weight']} times"
+              if s.get("library_weight", 1) > 1 else "")
+    return (f"{library} plus its test suite, idlelib, lib2to3 and pydoc_data (the documentation's topics), "
+            f"{s['train_files']} files for training{weight},")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus", choices=("library", "stdlib"), default="library",
                    help="library: the standard library's modules; stdlib: also its test suite and tools "
                         "(the tokenizer is trained on the library modules either way)")
+    p.add_argument("--generation-defaults", choices=("measured", "none"), default="measured",
+                   help="measured: ship GENERATION_DEFAULTS as generation_config.json; none: ship none")
     p.add_argument("--library-weight", type=int, default=1,
                    help="with --corpus stdlib: from --library-weight-from on, each library module counts this often")
     p.add_argument("--library-weight-from", type=int, default=0, help="the step where --library-weight starts")
@@ -222,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = ("steps", "batch_size", "seq_len", "lr", "seed", "vocab_size", "hidden_size", "num_layers", "num_heads",
                 "ffn_dim", "max_positions", "corpus", "mixed_precision", "library_weight", "library_weight_from")
     summary = {**{k: getattr(args, k) for k in settings},
-               "python": platform.python_version(), "train_files": len(train_files),
+               "python": platform.python_version(), "train_files": len(library_files) + len(extras),
                "heldout_files": len(held_out_files), "wall_time_min": timing / 60,
                "machine": f"{args.threads} CPU threads, torch {torch.__version__}",
                "command": command_line(argv if argv is not None else sys.argv[1:]),
-               "eval_history": [[step, round(ppl, 3)] for step, ppl in result.evals]}
+               "eval_history": [[step, round(ppl, 3)] for step, ppl in result.evals],
+               "generation_defaults": GENERATION_DEFAULTS if args.generation_defaults == "measured" else None}
     summary = export(args.work / "run", tokenizer_dir, args.out, held_out_files, summary)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

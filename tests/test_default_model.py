@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),
 NEW_TOKENS = 24
 # Greedy continuations produced once by the trained model (decoded new tokens, special tokens skipped).
 GOLDEN = {
-    'def fibonacci(n):': '\n    """Return a new path of the path.\n\n    If the path is a path is a path, the path,',
-    '    def __init__(self': ", b, b, b, b, b, b, b):\n        b = b'\n        b' b",
-    'class Stack:\n    """': '\n    def __init__(self, *args, **kwargs):\n        """\n        """\n        return self.tk.call',
+    'def fibonacci(n):': '\n    """\n    Return a list of strings of strings.\n    """\n    if not isinstance(n, str):\n        return',
+    '    def __init__(self': ', name):\n    def __init__(self, name):\n        self.name = name\n    def __repr__(self',
+    'class Stack:\n    """': '\n    A class for a class, class, class, class,\n    class, class, class, class, class,',
 }
 HELDOUT_WINDOW = 256
-HELDOUT_PERPLEXITY = 83.207  # measured on heldout.txt (8 windows) when the model was bundled
+HELDOUT_PERPLEXITY = 40.059  # measured on heldout.txt (8 windows) when the model was bundled
 HELDOUT_BOUND = HELDOUT_PERPLEXITY * 1.05
 
 
@@ -87,7 +87,7 @@ def test_bundled_files_are_small_fp16_and_documented():
     with safe_open(str(MODEL_DIR / "model.safetensors"), framework="pt") as weights:
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
     total = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
-    assert total <= 10.5e6, f"default_model is {total / 1e6:.1f} MB"
+    assert total <= 21e6, f"default_model is {total / 1e6:.1f} MB (budget: a wheel of at most 25 MB)"
     readme = (MODEL_DIR / "README.md").read_text()
     assert "PSF" in readme and "perplexity" in readme
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "heldout.txt"):
