@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,6 +35,7 @@ from optkit.errors import CheckpointError, InputError
 from optkit.parallel import export_checkpoint, shard_for_training
 from optkit.parallel.fsdp import LATEST, SHARDED_DIR, ShardedTraining, sharded_training
 from optkit.testing.tensor_parallel import free_port
+from tests.helpers.ranks import spawn_ranks
 
 DEADLINE_S = 150  # one launch, every rank
 TINY = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
@@ -190,24 +189,8 @@ def in_this_process(phase: str, work: Path) -> dict[str, Any]:
 
 
 def launch(phase: str, work: Path) -> list[dict[str, Any]]:
-    """Spawn the phase's ranks, wait at most DEADLINE_S, end any still running, return each rank's result."""
-    world = PHASES[phase][0]
-    context = mp.start_processes(_rank_main, args=(phase, free_port(), str(work)), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"FSDP phase {phase} did not finish within {DEADLINE_S} s")
-    except mp.ProcessRaisedException:
-        errors = "\n".join(p.read_text() for p in work.glob(f"{phase}.rank*.err"))
-        pytest.fail(f"FSDP phase {phase} failed:\n{errors}")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(10)
-    return [json.loads((work / f"{phase}.rank{rank}.json").read_text()) for rank in range(world)]
+    """Spawn the phase's ranks (at most DEADLINE_S, never hanging) and return each rank's result."""
+    return spawn_ranks(_rank_main, phase, PHASES[phase][0], work, deadline_s=DEADLINE_S, label="FSDP")
 
 
 @pytest.fixture(scope="module")

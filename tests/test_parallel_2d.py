@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import optkit
 from optkit import training
@@ -33,6 +31,7 @@ from optkit.cli import main as cli_main
 from optkit.errors import InputError
 from optkit.parallel.fsdp import LATEST, SHARDED_DIR, ShardedTraining, clip_grad_norm_, sharded_training
 from optkit.testing.tensor_parallel import free_port
+from tests.helpers.ranks import spawn_ranks
 DEADLINE_S = 120  # one launch, every rank
 STEPS = 3
 RUN = dict(steps=STEPS, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3, save_every=2,
@@ -185,24 +184,8 @@ def _rank_main(rank: int, phase: str, port: int, work: str) -> None:
 
 
 def launch(phase: str, work: Path) -> list[dict[str, Any]]:
-    """Spawn the phase's ranks, wait at most DEADLINE_S, end any still running, return each rank's result."""
-    world = PHASES[phase][0]
-    context = mp.start_processes(_rank_main, args=(phase, free_port(), str(work)), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"2-D phase {phase} did not finish within {DEADLINE_S} s")
-    except mp.ProcessRaisedException:
-        errors = "\n".join(p.read_text() for p in work.glob(f"{phase}.rank*.err"))
-        pytest.fail(f"2-D phase {phase} failed:\n{errors}")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(10)
-    return [json.loads((work / f"{phase}.rank{rank}.json").read_text()) for rank in range(world)]
+    """Spawn the phase's ranks (at most DEADLINE_S, never hanging) and return each rank's result."""
+    return spawn_ranks(_rank_main, phase, PHASES[phase][0], work, deadline_s=DEADLINE_S, label="2-D")
 
 
 @pytest.fixture(scope="module")
