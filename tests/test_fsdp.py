@@ -11,12 +11,10 @@ resume bit-identical, the exported checkpoint equal in transformers.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import subprocess
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -163,21 +161,6 @@ def _one_rank_last(work: Path) -> dict[str, Any]:
 PHASES = {"one_rank_first": (1, _one_rank_first), "two_ranks": (2, _two_ranks), "one_rank_last": (1, _one_rank_last)}
 
 
-def _rank_main(rank: int, phase: str, port: int, work: str) -> None:
-    torch.set_num_threads(1)
-    world, body = PHASES[phase]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        result = body(Path(work))
-        (Path(work) / f"{phase}.rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        (Path(work) / f"{phase}.rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def in_this_process(phase: str, work: Path) -> dict[str, Any]:
     """A 1-rank phase here, in a 1-rank gloo group that is always destroyed (no process to start)."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
@@ -190,7 +173,7 @@ def in_this_process(phase: str, work: Path) -> dict[str, Any]:
 
 def launch(phase: str, work: Path) -> list[dict[str, Any]]:
     """Spawn the phase's ranks (at most DEADLINE_S, never hanging) and return each rank's result."""
-    return spawn_ranks(_rank_main, phase, PHASES[phase][0], work, deadline_s=DEADLINE_S, label="FSDP")
+    return spawn_ranks(__name__, phase, work, deadline_s=DEADLINE_S, label="FSDP")
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,10 @@ to the plainly trained model. A torchrun subprocess runs ``optkit train --tp-siz
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import subprocess
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -168,24 +166,9 @@ def _resume_1d(work: Path) -> dict[str, Any]:
 PHASES = {"two_d": (4, _two_d), "resume_1d": (2, _resume_1d)}
 
 
-def _rank_main(rank: int, phase: str, port: int, work: str) -> None:
-    torch.set_num_threads(1)
-    world, body = PHASES[phase]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        result = body(Path(work))
-        (Path(work) / f"{phase}.rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        (Path(work) / f"{phase}.rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def launch(phase: str, work: Path) -> list[dict[str, Any]]:
     """Spawn the phase's ranks (at most DEADLINE_S, never hanging) and return each rank's result."""
-    return spawn_ranks(_rank_main, phase, PHASES[phase][0], work, deadline_s=DEADLINE_S, label="2-D")
+    return spawn_ranks(__name__, phase, work, deadline_s=DEADLINE_S, label="2-D")
 
 
 @pytest.fixture(scope="module")

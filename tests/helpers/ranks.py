@@ -1,27 +1,49 @@
 """Spawn a distributed test's ranks and collect their results, never hanging: the gloo test modules share it.
 
-Each rank runs ``rank_main(rank, phase, port, work)`` (``torch.multiprocessing`` passes the rank first) and
-writes ``{phase}.rank{r}.json`` -- or ``{phase}.rank{r}.err`` with its traceback -- into ``work``.
+A test module declares ``PHASES = {name: (world size, body)}``; each spawned rank joins a gloo group, runs
+``body(work)`` and writes ``{phase}.rank{r}.json`` -- or ``{phase}.rank{r}.err`` with its traceback -- into
+``work``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
+import traceback
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from optkit.testing.tensor_parallel import free_port
 
 
-def spawn_ranks(rank_main: Callable[..., None], phase: str, world: int, work: Path, *, deadline_s: float,
-                label: str) -> list[dict[str, Any]]:
-    """Start ``world`` ranks of ``phase``, wait at most ``deadline_s``, end any still running, and return each
-    rank's result; a failed rank fails the test with every rank's traceback."""
-    context = mp.start_processes(rank_main, args=(phase, free_port(), str(work)), nprocs=world, join=False,
+def run_rank(rank: int, module: str, phase: str, port: int, work: str) -> None:
+    """One rank (in a spawned process): ``module.PHASES[phase]``'s body in a gloo group, its result to a file."""
+    torch.set_num_threads(1)
+    world, body = importlib.import_module(module).PHASES[phase]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        result = body(Path(work))
+        (Path(work) / f"{phase}.rank{rank}.json").write_text(json.dumps(result))
+    except BaseException:
+        (Path(work) / f"{phase}.rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(module: str, phase: str, work: Path, *, deadline_s: float, label: str) -> list[dict[str, Any]]:
+    """Start the ranks of ``module.PHASES[phase]``, wait at most ``deadline_s``, end any still running, and
+    return each rank's result; a failed rank fails the test with every rank's traceback."""
+    world = importlib.import_module(module).PHASES[phase][0]
+    context = mp.start_processes(run_rank, args=(module, phase, free_port(), str(work)), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + deadline_s
     try:
