@@ -12,7 +12,8 @@ in a layout of its choosing. Measured with ``ONEDNN_VERBOSE=1`` (oneDNN 3.12, to
   parameter itself (``brg_matmul``, ``wei:ab``, no reorder per call); timed alternately the two are equal.
   So no copy is made: oneDNN reads the ``nn.Linear`` parameter's own storage. Memory is the weights, once,
   and nothing has to be unpacked: ``state_dict``, saving, ``parameters()``, ``.weight``, training, LoRA,
-  ``.to()`` and tensor parallelism see the one true tensor because there is no other.
+  and ``.to()`` see the one true tensor because there is no other (tensor parallelism still refuses this
+  linear: its plan declares no split yet).
 * **bf16 on AMX: a blocked layout** (``AB16b64a2b``), on which the GEMVs run ~1.8x faster than on the plain
   weight. There a packed copy (rebuilt when the weight changes) is still kept, and costs as much memory as
   the weights; the tied LM head's copy included.
