@@ -10,11 +10,7 @@ resume bit-identical, the exported checkpoint equal in transformers.
 
 from __future__ import annotations
 
-import functools
-import os
 import shutil
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,41 +30,17 @@ from optkit.parallel import export_checkpoint, shard_for_training
 from optkit.parallel.fsdp import LATEST, SHARDED_DIR, ShardedTraining, sharded_training
 from optkit.testing.tensor_parallel import free_port
 from tests.helpers.ranks import spawn_ranks
+from tests.helpers.tiny_training import PROBE, documents, llama_spec, spec, tokenizer, torchrun_train
+
 
 DEADLINE_S = 150  # one launch, every rank
-TINY = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
-        "dropout": 0.0}
 RUN = dict(steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3, eval_fraction=0.25,
            log_every=1000, weight_decay=0.1, resume=True)
-PROBE = torch.tensor([[2, 17, 40, 99, 5, 250, 3]])
 TOL = 1e-5
 
 
 class Interrupted(Exception):
     """Raised in place of a training step to stop a run after its checkpoint (a simulated crash)."""
-
-
-def documents() -> list[str]:
-    return [f"# module {i}\n" + "\n".join(f"def f_{i}_{j}(v):\n    return v + {j}\n" for j in range(6))
-            for i in range(16)]
-
-
-@functools.cache
-def tokenizer() -> Any:
-    return training.train_bpe(documents(), vocab_size=TINY["vocab_size"])
-
-
-def spec() -> optkit.ModelSpec:
-    return optkit.load_spec("opt-tiny", decoder=TINY)
-
-
-def llama_spec() -> optkit.ModelSpec:
-    """Open-Llama (RMSNorm, rotary positions, SwiGLU, untied head): the second family trains sharded too."""
-    return optkit.load_spec("open-llama-tiny-v2-style", decoder={"vocab_size": TINY["vocab_size"], "hidden_size": 32,
-                                                                 "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
-                                                                 "attention_dropout": 0.0,  # exact only without
-                                                                 "mlp": {"name": "gated", "params": {  # dropout
-                                                                     "activation": "silu", "dropout": 0.0}}})
 
 
 def train(out: Path, **overrides: Any) -> training.TrainResult:
@@ -287,18 +259,7 @@ def test_optkit_export_writes_the_same_model(ranks, work, capsys):
 
 # -- the command line under torchrun -----------------------------------------------------------------
 def test_optkit_train_under_torchrun_shards_and_rank_0_alone_prints(tmp_path):
-    training.save_opt_tokenizer(tokenizer(), tmp_path / "tok")
-    (tmp_path / "tiny.yaml").write_text(spec().to_yaml(), encoding="utf-8")
-    (tmp_path / "data").mkdir()
-    for i, doc in enumerate(documents()):
-        (tmp_path / "data" / f"doc{i:02d}.py").write_text(doc, encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "optkit.cli", "train", "--spec", str(tmp_path / "tiny.yaml"), "--data", str(tmp_path / "data"),
-               "--out", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
-               "--batch-size", "4", "--seq-len", "16", "--eval-every", "2", "--eval-fraction", "0.25",
-               "--mixed-precision", "bf16"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun_train(tmp_path, "--batch-size", "4", "--mixed-precision", "bf16", timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: step 2") == 1  # rank 0 alone prints
     assert (tmp_path / "run" / SHARDED_DIR / "step-00000002" / "__1_0.distcp").is_file()

@@ -10,11 +10,7 @@ to the plainly trained model. A torchrun subprocess runs ``optkit train --tp-siz
 
 from __future__ import annotations
 
-import functools
-import os
 import shutil
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -30,35 +26,13 @@ from optkit.errors import InputError
 from optkit.parallel.fsdp import LATEST, SHARDED_DIR, ShardedTraining, clip_grad_norm_, sharded_training
 from optkit.testing.tensor_parallel import free_port
 from tests.helpers.ranks import spawn_ranks
+from tests.helpers.tiny_training import PROBE, TINY, documents, llama_spec, spec, tokenizer, torchrun_train
+
 DEADLINE_S = 120  # one launch, every rank
 STEPS = 3
 RUN = dict(steps=STEPS, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3, save_every=2,
            eval_fraction=0.25, log_every=1000, weight_decay=0.1, grad_clip=1.0)  # the norms (~1.5) are clipped
 TOL = 1e-5
-TINY = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
-        "dropout": 0.0}  # exact comparisons run without dropout (ranks of different dp groups draw other masks)
-PROBE = torch.tensor([[2, 17, 40, 99, 5, 250, 3]])
-
-
-def documents() -> list[str]:
-    return [f"# module {i}\n" + "\n".join(f"def f_{i}_{j}(v):\n    return v + {j}\n" for j in range(6))
-            for i in range(16)]
-
-
-@functools.cache
-def tokenizer() -> Any:
-    return training.train_bpe(documents(), vocab_size=TINY["vocab_size"])
-
-
-def spec() -> optkit.ModelSpec:
-    return optkit.load_spec("opt-tiny", decoder=TINY)
-
-
-def llama_spec() -> optkit.ModelSpec:
-    """Open-Llama (RMSNorm, rotary positions, SwiGLU, untied vocabulary-split head), dropout 0."""
-    return optkit.load_spec("open-llama-tiny-v2-style", decoder={
-        "vocab_size": TINY["vocab_size"], "hidden_size": 32, "num_heads": 2, "ffn_dim": 64, "max_positions": 64,
-        "attention_dropout": 0.0, "mlp": {"name": "gated", "params": {"activation": "silu", "dropout": 0.0}}})
 
 
 def train(out: Path, **overrides: Any) -> training.TrainResult:
@@ -272,18 +246,7 @@ def test_optkit_train_tp_size_outside_torchrun_fails_with_the_command(tmp_path, 
 
 def test_optkit_train_tp_size_under_torchrun(tmp_path):
     """The command line on a 1 x 2 mesh (tp=2, dp=1): a real torchrun, rank 0 alone prints."""
-    training.save_opt_tokenizer(tokenizer(), tmp_path / "tok")
-    (tmp_path / "tiny.yaml").write_text(spec().to_yaml(), encoding="utf-8")
-    (tmp_path / "data").mkdir()
-    for i, doc in enumerate(documents()):
-        (tmp_path / "data" / f"doc{i:02d}.py").write_text(doc, encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "optkit.cli", "train", "--spec", str(tmp_path / "tiny.yaml"), "--data", str(tmp_path / "data"),
-               "--out", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
-               "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-fraction", "0.25",
-               "--tp-size", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun_train(tmp_path, "--batch-size", "2", "--tp-size", "2", timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: step 2") == 1
     assert (tmp_path / "run" / SHARDED_DIR / "step-00000002" / "__1_0.distcp").is_file()
