@@ -79,10 +79,12 @@ def run_train(args: argparse.Namespace) -> int:
     import sys
 
     import torch
+    import torch.distributed as dist
 
     from optkit.parallel.fsdp import join_torchrun_group
     from optkit.training import train
 
+    joins = dist.is_available() and not dist.is_initialized()  # the group is this command's to leave
     prints = join_torchrun_group()  # under torchrun: FSDP2 over the ranks; rank 0 alone prints
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +107,20 @@ def run_train(args: argparse.Namespace) -> int:
     what = "adapter (PEFT format)" if args.lora_r is not None else "model"
     if prints:
         print(f"done: step {result.step}, held-out perplexity {ppl}; {what} in {result.out_dir}")
+    if joins:
+        _leave_group()
     return 0
+
+
+def _leave_group() -> None:
+    """After a sharded run every rank is here: wait for all, then destroy every group (the mesh's sub-groups
+    too) while the interpreter is whole. Left to interpreter exit, a rank was seen to abort in gloo's teardown
+    ("terminate called without an active exception", exit -6) after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[object, object]:
