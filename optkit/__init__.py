@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from optkit._lazy import lazy_exports
 from optkit.errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -47,6 +48,7 @@ _LAZY = {
     "pipeline": "optkit.pipelines",
     "plan": "optkit.placement",
 }
+_lazy_getattr = lazy_exports(__name__, _LAZY)
 
 
 _REGISTRY_LOCK = threading.Lock()
@@ -65,13 +67,7 @@ def _global_registry() -> Any:
 def __getattr__(name: str) -> Any:
     if name == "registry":
         return _global_registry()
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'optkit' has no attribute '{name}'")
+    return _lazy_getattr(name)
 
 
 __all__ = [

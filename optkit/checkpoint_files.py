@@ -48,6 +48,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 OPTKIT_SPEC_NAME = "optkit-spec.yaml"  # the spec of optkit's own format (optkit.native_checkpoint)
+GENERATION_CONFIG_NAME = "generation_config.json"  # generate()'s defaults: belong to the weights they were saved with
 STAGING_PREFIX = ".optkit-tmp-"
 # Shard names transformers writes; such a file is a checkpoint's even when no index lists it any more.
 SHARD_NAME = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin)$")
@@ -446,10 +447,12 @@ def checkpoint_files_in(directory: Path) -> list[str]:
     """The files of the checkpoint now in ``directory`` that a new save supersedes.
 
     That is config.json, the weight files and indexes a loader would read (also those of an index
-    that is no longer the one read), shard files with transformers' names and the spec of optkit's own format.
-    Nothing else.
+    that is no longer the one read), shard files with transformers' names, the spec of optkit's own format
+    and generation_config.json (generate's defaults, which a save without settings must not inherit from
+    the model saved there before: transformers' save_pretrained rewrites it too). Nothing else.
     """
-    names = {CONFIG_NAME, SAFETENSORS, SAFETENSORS_INDEX, PICKLE, PICKLE_INDEX, OPTKIT_SPEC_NAME}
+    names = {CONFIG_NAME, SAFETENSORS, SAFETENSORS_INDEX, PICKLE, PICKLE_INDEX, OPTKIT_SPEC_NAME,
+             GENERATION_CONFIG_NAME}
     for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
         try:
             names |= {n for n in read_weight_map(directory / index).values() if n.endswith((".safetensors", ".bin"))}

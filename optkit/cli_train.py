@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lora.add_argument("--lora-r", type=int, help="adapter rank; turns LoRA on (only adapters train, --out holds "
                                                  "the adapter in PEFT's format)")
     lora.add_argument("--lora-alpha", type=float, help="scaling numerator: the delta is scaled by alpha / r "
-                                                       "(default: 2 x --lora-r)")
+                                                       "(default: 8, as PEFT's LoraConfig)")
     lora.add_argument("--lora-dropout", type=float, default=0.0,
                       help="dropout on the adapter's input while training (default: %(default)s)")
     lora.add_argument("--lora-targets", default="q_proj,v_proj",
@@ -149,9 +149,10 @@ def _model_and_tokenizer(args: argparse.Namespace) -> tuple[object, object]:
         model = _model(args.spec, args.seed)
     if args.lora_r is not None:
         from optkit.adapters import add_adapters
+        from optkit.adapters.lora import DEFAULT_ALPHA
 
         targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
-        add_adapters(model, r=args.lora_r, alpha=2.0 * args.lora_r if args.lora_alpha is None else args.lora_alpha,
+        add_adapters(model, r=args.lora_r, alpha=DEFAULT_ALPHA if args.lora_alpha is None else args.lora_alpha,
                      dropout=args.lora_dropout, use_rslora=args.lora_rslora,
                      target_modules=targets[0] if targets == ["all-linear"] else targets)
     return model, tokenizer

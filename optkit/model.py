@@ -452,7 +452,7 @@ class Model(nn.Module):
     # -- adapters: PEFT's method names, delegating to optkit.adapters (see docs/adapters.md) ----------
     def add_adapter(self, name: str = "default", **options: Any) -> Model:
         """A fresh LoRA adapter ``name`` (``r``, ``alpha``, ``dropout``, ``target_modules``, ``use_rslora``);
-        only adapter parameters train afterwards."""
+        only adapter parameters train afterwards. ``alpha`` defaults to PEFT's ``LoraConfig`` default, 8."""
         from optkit.adapters import add_adapters_from_options
 
         return add_adapters_from_options(self, {**options, "name": name})

@@ -124,7 +124,7 @@ class AdaptersSpec(StrictModel):
     built model's projections."""
 
     r: int = _strict(gt=0)
-    alpha: float = _strict()
+    alpha: float = _strict(default=8.0)  # PEFT's LoraConfig default (optkit.adapters.lora.DEFAULT_ALPHA)
     dropout: float = _strict(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                                                       min_length=1)

@@ -20,7 +20,8 @@ from torch import nn
 import optkit
 from optkit.adapters import (AdapterConfigWarning, LoRALinear, active_adapter, adapter_names, adapter_parameters,
                              add_adapters, add_adapters_from_options, load_adapters, merge_adapters, merge_and_unload, save_adapters,
-                             set_adapter, target_names, unmerge_adapters)
+                             set_adapter, target_names, unload_adapters, unmerge_adapters)
+from optkit.adapters.attach import checkpoint_path, lora_modules
 from optkit.inference import is_prepared, prepare, restore
 from tests.helpers import base_hash, batch, hf_model, tiny_open_llama
 
@@ -401,6 +402,39 @@ def test_adapters_on_a_prepared_model_are_never_bypassed_by_stacked_projections(
     assert model.generate(ids[:1], max_new_tokens=3).shape == (1, ids.shape[1] + 3)
 
 
+
+onednn_reasons = optkit.registry.get("linear", "onednn").unavailable_reasons("cpu", torch.float32)
+
+
+def onednn_prepared() -> optkit.Model:
+    torch.manual_seed(0)
+    return prepare(optkit.build("opt-tiny", linear="onednn", dtype=torch.float32).eval())
+
+
+@pytest.mark.skipif(bool(onednn_reasons), reason=f"oneDNN linear unavailable on this machine: {onednn_reasons}")
+@pytest.mark.parametrize("take_off", ["unload", "merge_unmerge_unload", "merge_and_unload"])
+def test_taking_adapters_off_a_stacking_backend_stacks_q_k_v_again(take_off):
+    never_adapted, model = onednn_prepared(), onednn_prepared()
+    attention = [layer.self_attn for layer in model.decoder.layers]
+    assert all(block.stacked for block in attention)
+    add_adapters(model, target_modules=["q_proj", "v_proj"], r=4)
+    randomize_adapters(model)
+    assert not any(block.stacked for block in attention)  # wrapped projections: three GEMMs, never bypassed
+    ids, mask = batch(seed=14)
+    adapted = logits(model, ids, mask)
+    if take_off == "merge_and_unload":
+        merge_and_unload(model)
+        want = adapted  # the adapter now lives in the base weights
+    else:
+        if take_off == "merge_unmerge_unload":
+            merge_adapters(model)
+            unmerge_adapters(model)
+        unload_adapters(model)
+        want = logits(never_adapted, ids, mask)
+    assert all(block.stacked for block in attention), "q/k/v should be one GEMM again once the adapters are off"
+    assert (logits(model, ids, mask) - want).abs().max() <= ATOL
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=3), model.generate(ids[:1], max_new_tokens=3))
+
 # -- PEFT as the oracle -----------------------------------------------------------------------------------
 def peft_library():
     """PEFT is in the ``test`` extra; without it these oracle tests cannot run (and say so)."""
@@ -448,6 +482,57 @@ def test_an_adapter_optkit_saved_loads_in_peft_with_optkit_logits(tmp_path, case
     assert (logits(ours, ids, mask) - logits(peft_model, ids, mask))[mask.bool()].abs().max() <= ATOL
     assert peft_model.peft_config["default"].target_modules == set(case["target_modules"])
 
+
+
+# -- alpha omitted: PEFT's default -------------------------------------------------------------------------
+def test_alpha_defaults_to_peft_everywhere_it_can_be_omitted(tmp_path):
+    import argparse
+    import inspect
+
+    from optkit.adapters.lora import DEFAULT_ALPHA, LoRASettings
+    from optkit.cli_train import _model_and_tokenizer, register
+
+    peft_alpha = peft_library().LoraConfig().lora_alpha
+    assert DEFAULT_ALPHA == peft_alpha
+    assert inspect.signature(add_adapters).parameters["alpha"].default == peft_alpha
+    assert LoRASettings(4).alpha == peft_alpha and LoRALinear(nn.Linear(4, 4), 2).settings["default"].alpha == peft_alpha
+    path = tmp_path / "spec.yaml"
+    path.write_text("extends: opt-tiny\nadapters: {r: 2}\n")
+    assert optkit.load_spec(path).adapters.alpha == peft_alpha
+    assert optkit.build(path).decoder.layers[0].self_attn.q_proj.settings["default"].alpha == peft_alpha
+    from_options = add_adapters_from_options(tiny_opt(), {"r": 2, "target_modules": "fc1"})
+    assert from_options.decoder.layers[0].mlp.fc1.settings["default"].scale == peft_alpha / 2
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    register(subparsers)
+    args = subparsers.choices["train"].parse_args(["--spec", "opt-tiny", "--lora-r", "4", "--data", "x", "--out", "y"])
+    model, _ = _model_and_tokenizer(args)
+    assert model.decoder.layers[0].self_attn.v_proj.settings["default"].alpha == peft_alpha
+    save_adapters(model, tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    del config["lora_alpha"]  # a hand-written config without it means what it means to PEFT
+    (tmp_path / "saved" / "adapter_config.json").write_text(json.dumps(config))
+    loaded = load_adapters(tiny_opt(), tmp_path / "saved")
+    assert loaded.decoder.layers[1].self_attn.q_proj.settings["default"].alpha == peft_alpha
+
+
+def test_an_adapter_added_without_alpha_computes_what_peft_does_without_lora_alpha():
+    peft = peft_library()
+    hf = hf_model()
+    ours = optkit.from_transformers(copy.deepcopy(hf)).add_adapter(r=4, target_modules=["q_proj", "v_proj"])
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", r=4,
+                                                         target_modules=["q_proj", "v_proj"])).eval()
+    randomize_adapters(ours)
+    with torch.no_grad():  # the same adapter weights in PEFT's modules: only the scaling is left to compare
+        for path, module in lora_modules(ours).items():
+            theirs = peft_model.base_model.model.get_submodule(checkpoint_path(ours, path))
+            assert theirs.scaling["default"] == module.settings["default"].scale
+            theirs.lora_A["default"].weight.copy_(module.lora_A["default"].weight)
+            theirs.lora_B["default"].weight.copy_(module.lora_B["default"].weight)
+    ids, mask = batch(seed=13)
+    assert (logits(ours, ids, mask) - logits(peft_model, ids, mask))[mask.bool()].abs().max() <= ATOL
+    with_adapter = logits(ours, ids, mask)
+    ours.set_adapter(None)
+    assert not torch.allclose(logits(ours, ids, mask), with_adapter, atol=1e-3)  # the adapter did change something
 
 def test_from_pretrained_adds_or_loads_adapters(tmp_path):
     import optkit

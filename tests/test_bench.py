@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -256,3 +257,25 @@ def test_docs_plots_are_the_recorded_tables_redrawn(tmp_path):
         texts = assert_text_inside(shown)
         assert "batch 1" in texts[0]
         assert any(t.startswith("optkit") and t.endswith("/compile") for t in texts)
+
+
+def test_independent_generate_script_runs_and_finds_identical_tokens(tmp_path):
+    """benchmarks/independent_generate.py, the cross-check of these figures (issue 16), at a toy shape: it exits 0,
+    prints its table with both systems side by side, and the fp32 greedy tokens of both loads are identical."""
+    script = ROOT / "benchmarks" / "independent_generate.py"
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    imported = {(node.module or "") + "." + alias.name if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not any("benchmarking" in name for name in imported), imported  # independent of what it checks
+    argv = ["--tiny", "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4", "--batch", "1", "2", "--first-call",
+            "--json", str(tmp_path / "i.json")]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| measure | batch | prompt+new | transformers | optkit | optkit/transformers |" in done.stdout
+    assert "- batch 1: greedy tokens identical: yes" in done.stdout
+    assert "- batch 2: greedy tokens identical: yes" in done.stdout
+    assert "| first generate() of a fresh process (s) | 1 | 8+4 |" in done.stdout
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert [w["batch"] for w in report["workloads"]] == [1, 2] and all(w["same_tokens"] for w in report["workloads"])
+    for stats in (*(w["decode_tok_s"] for w in report["workloads"]), report["first_call"]["first_generate_s"]):
+        assert set(stats) == {"optkit", "transformers"} and all(s["median"] > 0 for s in stats.values())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -94,6 +97,28 @@ def test_choose_for_reads_beam_search_and_the_cache(monkeypatch, tmp_path):
     assert choose_for(model, 1, 8, 16, cache_kind="static").step == "eager"  # cold, short
     monkeypatch.setattr("optkit.inference.compile_cache.has_entry", lambda *a: True)
     assert choose_for(model, 1, 8, 16, cache_kind="static").step == "compiled"
+
+
+def test_choose_for_asks_for_the_compiler_only_when_it_would_compile(monkeypatch, tmp_path):
+    """Asking imports inductor (~2 s of a process's first generate): not for a call that runs the eager step."""
+    model = optkit.build("opt-tiny").eval()
+    asked = []
+    monkeypatch.setattr(policy, "compiler_available", lambda device_type: asked.append(device_type) or False)
+    assert choose_for(model, 1, 8, 16).step == "eager" and asked == []  # a tiny model
+    monkeypatch.setattr(policy, "TINY_MODEL_BYTES", 0)
+    monkeypatch.setenv("OPTKIT_COMPILE_CACHE", str(tmp_path))
+    assert choose_for(model, 1, 8, 16).step == "eager" and asked == []  # cold and short
+    monkeypatch.setattr("optkit.inference.compile_cache.has_entry", lambda *a: True)
+    choice = choose_for(model, 1, 8, 16)  # warm: it would compile, so the compiler is looked for -- and missing
+    assert asked == ["cpu"] and choice.step == "eager" and "not available" in choice.reason
+
+
+def test_a_first_generate_does_not_import_inductor():
+    code = ("import sys, torch, optkit; m = optkit.build('opt-tiny').eval(); "
+            "m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3); "
+            "print('torch._inductor.compile_fx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_compiler_available_is_a_bool():

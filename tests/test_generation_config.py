@@ -91,6 +91,24 @@ def test_save_pretrained_round_trips_the_explicit_settings(tmp_path, checkpoint)
     assert optkit.from_pretrained(tmp_path / "saved").generation_config == model.generation_config
 
 
+def test_a_save_without_settings_does_not_inherit_the_previous_models_file(tmp_path, checkpoint):
+    """The old generation_config.json belongs to the old weights: a later save into the same folder drops it
+    (other files there stay)."""
+    model = optkit.from_pretrained(checkpoint)
+    model.generation_config = GenerationConfig(repetition_penalty=1.4, max_new_tokens=12)
+    target = tmp_path / "saved"
+    model.save_pretrained(target)
+    (target / "notes.txt").write_text("mine")
+    model.generation_config = GenerationConfig()
+    model.save_pretrained(target)
+    assert not (target / "generation_config.json").exists()
+    assert (target / "notes.txt").read_text() == "mine"
+    assert optkit.from_pretrained(target).generation_config == GenerationConfig()
+    model.generation_config = GenerationConfig(max_new_tokens=5)  # and a save with settings writes it again
+    model.save_pretrained(target)
+    assert json.loads((target / "generation_config.json").read_text()) == {"max_new_tokens": 5}
+
+
 def test_model_generation_config_must_be_a_generation_config(checkpoint):
     model = optkit.from_pretrained(checkpoint)
     with pytest.raises(InputError, match=r"model.generation_config: expected an optkit.GenerationConfig, got dict"):

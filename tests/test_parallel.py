@@ -10,16 +10,15 @@ are checked in this process.
 
 from __future__ import annotations
 
-import time
-import traceback
-from datetime import timedelta
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -29,9 +28,9 @@ import optkit.inference
 from optkit.interfaces import MLP, ShardStyle
 from optkit.parallel import local_parameter_bytes, parallelize, planned_parameter_bytes, tensor_parallel_plan
 from optkit.testing import add_plugin, fresh_registry
-from optkit.testing.tensor_parallel import free_port
 from tests.helpers import load_example_plugin
 from tests.helpers.models import tiny_open_llama
+from tests.helpers.ranks import spawn_ranks
 
 WORLD = 2
 DEADLINE_S = 150  # both processes, every case; a hang fails the test instead of the CI job
@@ -140,44 +139,27 @@ def _error_text(call: Callable[[], Any]) -> str:
     return "no error"
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        results: dict[str, Any] = {}
-        for name, build in CASES.items():
-            model = build()
-            parallelize(model)
-            results[name] = {**outputs(model, name), "bytes": local_parameter_bytes(model),
-                             "prepared": optkit.inference.is_prepared(model)}
-        results["errors"] = {
-            "world_mismatch": _error_text(lambda: parallelize(_opt("opt-tiny"), tp_size=3)),
-            "twice": _error_text(lambda: parallelize(parallelize(_opt("opt-tiny")))),
-        }
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def _every_case(out_dir: Path) -> dict[str, Any]:
+    """One rank's outputs for every case, split over the group, and the errors a split inside it raises."""
+    results: dict[str, Any] = {}
+    for name, build in CASES.items():
+        model = build()
+        parallelize(model)
+        results[name] = {**outputs(model, name), "bytes": local_parameter_bytes(model),
+                         "prepared": optkit.inference.is_prepared(model)}
+    results["errors"] = {
+        "world_mismatch": _error_text(lambda: parallelize(_opt("opt-tiny"), tp_size=3)),
+        "twice": _error_text(lambda: parallelize(parallelize(_opt("opt-tiny")))),
+    }
+    return results
+
+
+PHASES = {"tp": (WORLD, _every_case)}
 
 
 def run_ranks(out_dir: Path) -> list[dict[str, Any]]:
-    """Spawn the ranks, wait at most DEADLINE_S, and end them if they are still running."""
-    context = mp.start_processes(_rank_main, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"tensor-parallel ranks did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(10)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    """Spawn the ranks (at most DEADLINE_S, never hanging) and return each rank's results."""
+    return spawn_ranks(__name__, "tp", out_dir, deadline_s=DEADLINE_S, label="tensor-parallel", tensors=True)
 
 
 @pytest.fixture(scope="module")
@@ -386,3 +368,22 @@ def test_the_tensor_parallel_check_names_a_component_without_a_plan_before_spawn
     with pytest.raises(optkit.InputError, match="UndeclaredMLP at 'decoder.layers.0.mlp'.*Implement "
                                                 "optkit.interfaces.TensorParallel"):
         check_tensor_parallel(_undeclared_mlp_model, timeout=5)
+
+
+def test_importing_the_launcher_does_not_import_fsdp_dcp_or_dtensor():
+    """Every ``optkit run`` imports optkit.parallel.launch; the package's lazy exports keep it cheap."""
+    code = ("import sys, optkit.parallel.launch, optkit.parallel as p\n"
+            "heavy = ('optkit.parallel.fsdp', 'optkit.parallel.tensor_parallel', 'torch.distributed.fsdp',\n"
+            "         'torch.distributed.checkpoint', 'torch.distributed.tensor')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+            "print(p.tensor_parallel_plan.__module__, 'tensor_parallel_plan' in vars(p))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "optkit.parallel.plan True"]
+
+
+@pytest.mark.parametrize("package", ["optkit", "optkit.parallel", "optkit.inference"])
+def test_a_name_a_package_does_not_export_is_an_attribute_error_naming_the_package(package):
+    module = importlib.import_module(package)
+    with pytest.raises(AttributeError, match=f"^module '{package}' has no attribute 'no_such_name'$"):
+        getattr(module, "no_such_name")

@@ -12,23 +12,18 @@ import io
 import os
 import subprocess
 import sys
-import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import optkit
 import optkit.parallel.loading as sliced
 from optkit.parallel import local_parameter_bytes, planned_parameter_bytes
 from optkit.parallel.loading import rank_slice
-from optkit.testing.tensor_parallel import free_port
+from tests.helpers.ranks import spawn_ranks
 
 WORLD = 2
 DEADLINE_S = 150
@@ -94,32 +89,28 @@ def _counting_reader(counter: dict[str, int]):
     return read_local
 
 
-def _rank_main(rank: int, port: int, root: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        results: dict[str, Any] = {}
-        counter = {"bytes": 0}
-        sliced.read_local = _counting_reader(counter)
-        for name, case in CHECKPOINTS.items():
-            counter["bytes"] = 0
-            model = optkit.from_pretrained(Path(root) / name, tp_size=WORLD, head=case.get("head", "causal_lm"))
-            results[name] = {**outputs(model), "read": counter["bytes"], "bytes": local_parameter_bytes(model),
-                             "fc1": model.decoder.layers[0].mlp.fc1.weight.to_local().clone()
-                             if name == "opt-tiny" else None}
-        del model
-        _reset_peak()
-        before = _status_bytes("VmRSS")
-        wide = optkit.from_pretrained(Path(root) / "wide", tp_size=WORLD)
-        results["wide"] = {"growth": _status_bytes("VmHWM") - before, "bytes": local_parameter_bytes(wide),
-                           "split": sum(isinstance(p, DTensor) for p in wide.parameters())}
-        torch.save(results, Path(root) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(root) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def _load_every_checkpoint(root: Path) -> dict[str, Any]:
+    """One rank: every checkpoint loaded split, what it read and holds, and how far loading the wide one grew
+    the resident set."""
+    results: dict[str, Any] = {}
+    counter = {"bytes": 0}
+    sliced.read_local = _counting_reader(counter)
+    for name, case in CHECKPOINTS.items():
+        counter["bytes"] = 0
+        model = optkit.from_pretrained(root / name, tp_size=WORLD, head=case.get("head", "causal_lm"))
+        results[name] = {**outputs(model), "read": counter["bytes"], "bytes": local_parameter_bytes(model),
+                         "fc1": model.decoder.layers[0].mlp.fc1.weight.to_local().clone()
+                         if name == "opt-tiny" else None}
+    del model
+    _reset_peak()
+    before = _status_bytes("VmRSS")
+    wide = optkit.from_pretrained(root / "wide", tp_size=WORLD)
+    results["wide"] = {"growth": _status_bytes("VmHWM") - before, "bytes": local_parameter_bytes(wide),
+                       "split": sum(isinstance(p, DTensor) for p in wide.parameters())}
+    return results
+
+
+PHASES = {"load": (WORLD, _load_every_checkpoint)}
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +122,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ranks(root) -> list[dict[str, Any]]:
-    context = mp.start_processes(_rank_main, args=(free_port(), str(root)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"tensor-parallel loading ranks did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(10)
-    return [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return spawn_ranks(__name__, "load", root, deadline_s=DEADLINE_S, label="tensor-parallel loading", tensors=True)
 
 
 @pytest.fixture(scope="module")

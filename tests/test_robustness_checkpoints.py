@@ -29,8 +29,9 @@ from optkit.checkpoints import _shard, save_pretrained, spec_from_hf_config
 from optkit.errors import CheckpointError
 from optkit.formats.opt import CONFIG_TYPES as OPT_CONFIG_TYPES
 
+# generation_config.json is not among them: it belongs to the weights (a save replaces it, as transformers' does)
 USER_FILES = {"README.md": "# my model\n", "notes.txt": "keep me\n", "tokenizer.json": "{}",
-              "generation_config.json": '{"max_length": 20}', "extra/eval.md": "results\n"}
+              "extra/eval.md": "results\n"}
 TIMEOUT = 240  # seconds, per subprocess
 
 

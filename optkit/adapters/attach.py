@@ -7,8 +7,9 @@ read from its layers and its checkpoint format, so a third-party family's projec
 
 A model may hold several named adapters; one is active at a time (``set_adapter``), as with PEFT.
 Anything that replaces modules or changes what forward computes drops the decode steps an inference
-session keeps (a captured CUDA graph would otherwise replay the old computation); a prepared model is
-restored and prepared again around the swap, so stacked q/k/v never bypass an adapter.
+session keeps (a captured CUDA graph would otherwise replay the old computation). On a prepared model,
+stacked q/k/v never bypass an adapter (a block whose projection is wrapped computes three GEMMs), and once
+the wrappers are gone again the model is prepared again, so q/k/v are one GEMM where that pays.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from optkit.adapters.lora import LoRALinear, LoRASettings, check_adapter_name, merge_refusal
+from optkit.adapters.lora import DEFAULT_ALPHA, LoRALinear, LoRASettings, check_adapter_name, merge_refusal
 from optkit.errors import CheckpointError, InputError, brief_repr
 from optkit.interfaces import WrappableLinear
 
@@ -125,7 +126,7 @@ def _adapter_of(param_name: str) -> str | None:
 
 
 # -- changing the model --------------------------------------------------------------------------
-def add_adapters(model: Model, *, r: int, alpha: float, dropout: float = 0.0,
+def add_adapters(model: Model, *, r: int, alpha: float = DEFAULT_ALPHA, dropout: float = 0.0,
                  target_modules: str | Sequence[str] = DEFAULT_TARGETS, name: str = "default",
                  use_rslora: bool = False, dtype: torch.dtype | None = None) -> Model:
     """Wrap the named projections of every layer with a fresh LoRA adapter ``name`` and freeze everything else.
@@ -133,6 +134,7 @@ def add_adapters(model: Model, *, r: int, alpha: float, dropout: float = 0.0,
     Only adapter parameters require grad afterwards (this adapter's: yes; earlier ones keep their flag).
     The first adapter becomes active; later ones are added inactive (``set_adapter`` switches), as in PEFT.
     ``dtype``: the adapter's (default the model's; e.g. float32 adapters on a bfloat16 base).
+    ``alpha`` defaults to PEFT's ``LoraConfig`` default (8), so ``r`` alone means what it means in PEFT.
     """
     settings = LoRASettings(r, alpha, dropout, use_rslora)
     check_adapter_name(name)
@@ -239,14 +241,21 @@ def unload_adapters(model: Model) -> Model:
 
 @contextmanager
 def rewiring(model: Model) -> Iterator[None]:
-    """Swap modules safely: kept decode steps (captured graphs, compiled steps) are dropped after.
+    """Swap modules safely: kept decode steps (captured graphs, compiled steps) are dropped after, and a
+    prepared model is prepared again.
 
-    A prepared model needs nothing more: its attention blocks check that q/k/v are still the modules they
-    stacked and fall back to the reference projections when one was wrapped or replaced
-    (``optkit.inference.attention``), so the adapters room never reaches into the inference room."""
+    A prepared attention block checks that q/k/v are still the modules it stacked and falls back to the
+    reference projections when one was wrapped or replaced (``optkit.inference.attention``). Preparing
+    again (``optkit.inference.prepare``, idempotent) stacks them once more where that pays -- after
+    ``unload_adapters`` puts the bases back -- and leaves wrapped ones alone; the adapters room uses only
+    that public call, never the blocks' internals."""
     try:
         yield
     finally:
+        from optkit.inference import is_prepared, prepare  # imported here: optkit.inference needs optkit.model
+
+        if is_prepared(model):
+            prepare(model)
         _drop_kept_steps(model)
 
 
@@ -260,13 +269,15 @@ OPTION_NAMES = ("r", "alpha", "dropout", "target_modules", "use_rslora", "name")
 
 def add_adapters_from_options(model: Model, options: dict[str, object]) -> Model:
     """``add_adapters`` from a mapping, as ``from_pretrained(..., adapters={...})`` and a YAML ``adapters:``
-    block give it; an unknown key is an InputError listing the valid ones (never ignored)."""
+    block give it; an unknown key is an InputError listing the valid ones (never ignored). Only ``r`` is
+    required; ``alpha`` defaults to PEFT's 8."""
     if not isinstance(options, dict):
         raise InputError(f"adapters must be a mapping like {{'r': 8, 'alpha': 16}}, got {brief_repr(options)}")
     unknown = [key for key in options if key not in OPTION_NAMES]
-    missing = [key for key in ("r", "alpha") if key not in options]
+    missing = [key for key in ("r",) if key not in options]
     if unknown or missing:
         problems = ([f"unknown key(s) {brief_repr(unknown)}"] if unknown else []) + \
                    ([f"missing {', '.join(missing)}"] if missing else [])
-        raise InputError(f"adapters: {'; '.join(problems)} (keys: {', '.join(OPTION_NAMES)}; r and alpha required)")
+        raise InputError(f"adapters: {'; '.join(problems)} (keys: {', '.join(OPTION_NAMES)}; r required, "
+                         f"alpha defaults to PEFT's {DEFAULT_ALPHA})")
     return add_adapters(model, **options)  # type: ignore[arg-type]  # each value is checked there

@@ -23,13 +23,18 @@ from torch import Tensor, nn
 from optkit.errors import InputError, brief_repr
 from optkit.interfaces import MergeableLinear, StackableLinear, WrappableLinear
 
+# PEFT's ``LoraConfig().lora_alpha``: an adapter added without ``alpha`` scales its delta as PEFT's would, so a
+# PEFT user's ``r=...``-only recipe means the same here (a test compares with the installed peft).
+DEFAULT_ALPHA = 8
+
 
 @dataclass(frozen=True)
 class LoRASettings:
-    """One adapter's hyper-parameters (PEFT's ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``)."""
+    """One adapter's hyper-parameters (PEFT's ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``); ``alpha``
+    defaults to PEFT's 8."""
 
     r: int
-    alpha: float
+    alpha: float = DEFAULT_ALPHA
     dropout: float = 0.0
     use_rslora: bool = False
 
@@ -79,7 +84,8 @@ def merge_refusal(base: nn.Module) -> str | None:
 class LoRALinear(nn.Module):
     """A registered linear plus named low-rank adapters (implements :class:`~optkit.interfaces.LinearAdapter`)."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, *,
+    def __init__(self, base: nn.Module, r: int, alpha: float = DEFAULT_ALPHA, dropout: float = 0.0,
+                 use_rslora: bool = False, *,
                  name: str = "default", dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         if not isinstance(base, WrappableLinear) or not isinstance(base, nn.Module):

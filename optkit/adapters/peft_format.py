@@ -26,7 +26,7 @@ from torch import Tensor
 
 from optkit.adapters.attach import (adapter_names, attach, checkpoint_path, layer_linears, lora_modules,
                                     target_names)
-from optkit.adapters.lora import LoRASettings, check_adapter_name, check_settings
+from optkit.adapters.lora import DEFAULT_ALPHA, LoRASettings, check_adapter_name, check_settings
 from optkit.checkpoint_files import quoted, read_json, read_pickle, read_safetensors
 from optkit.errors import CheckpointError, CheckpointNotFoundError, InputError
 
@@ -171,7 +171,7 @@ def settings_from_config(config: dict[str, Any], *, source: str) -> LoRASettings
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type is {quoted(config.get('peft_type'))}; optkit reads LoRA adapters (\"LORA\") only")
-    missing = [field for field in ("r", "lora_alpha", "target_modules") if field not in config]
+    missing = [field for field in ("r", "target_modules") if field not in config]  # lora_alpha: PEFT's default
     problems += [f"field '{field}' is missing" for field in missing]
     for field, allowed in NO_OP_VALUES.items():
         if field in config and config[field] not in allowed:
@@ -184,9 +184,9 @@ def settings_from_config(config: dict[str, Any], *, source: str) -> LoRASettings
     if "target_modules" in config and not (isinstance(targets, str) and targets or isinstance(targets, list)
                                            and targets and all(isinstance(t, str) for t in targets)):
         problems.append(f"target_modules must be a non-empty list of names or a regex, got {quoted(targets)}")
+    alpha = config.get("lora_alpha", DEFAULT_ALPHA)
     if not missing:
-        problems += check_settings(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                                   config.get("use_rslora", False))
+        problems += check_settings(config["r"], alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False))
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems) + ". Fix the adapter's config (or save it "
                               "again with the options optkit supports)")
@@ -194,8 +194,7 @@ def settings_from_config(config: dict[str, Any], *, source: str) -> LoRASettings
     if ignored:
         warnings.warn(f"{source}: ignored fields optkit does not know, all empty: {', '.join(ignored)}",
                       AdapterConfigWarning, stacklevel=3)
-    return LoRASettings(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                        config.get("use_rslora", False))
+    return LoRASettings(config["r"], alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False))
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, Tensor], Path]:

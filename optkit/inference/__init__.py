@@ -18,8 +18,7 @@ models it loads; ``optkit.build`` returns the plain model.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from optkit._lazy import lazy_exports
 
 # Exported lazily, as ``optkit`` itself does: ``generate`` needs the session and the decode step but
 # not the transform, which needs optkit.model -- and optkit.model's ``generate`` needs ``generate``.
@@ -35,10 +34,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'optkit.inference' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 Step = Literal["eager", "graph", "compiled"]
@@ -92,6 +93,11 @@ def choose_for(model: Any, batch_size: int, new_tokens: int, max_length: int, *,
     # the cache lookup fingerprints the model: only where its answer can matter (not for tiny models)
     warm = why_not is None and weight_bytes >= TINY_MODEL_BYTES and compile_cache.has_entry(model, batch_size,
                                                                                             max_length)
-    return choose_decode_step(device_type=device_type, batch_size=batch_size, new_tokens=new_tokens,
-                              weight_bytes=weight_bytes, warm_cache=warm,
-                              compiler_available=compiler_available(device_type), graph_unsupported=why_not)
+    choice = partial(choose_decode_step, device_type=device_type, batch_size=batch_size, new_tokens=new_tokens,
+                     weight_bytes=weight_bytes, warm_cache=warm, graph_unsupported=why_not)
+    # Asking whether inductor is there imports it (~2 s, paid by a process's first generate): only asked
+    # when the answer matters -- without a compiler every other choice is the same step.
+    optimistic = choice(compiler_available=True)
+    if optimistic.step != "compiled":
+        return optimistic
+    return choice(compiler_available=compiler_available(device_type))

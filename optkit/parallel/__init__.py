@@ -12,8 +12,7 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from optkit._lazy import lazy_exports
 
 # Exported lazily, as ``optkit`` and ``optkit.inference`` are: every ``optkit run`` imports
 # ``optkit.parallel.launch`` to ask whether torchrun started it, and must not pay for FSDP, DCP and DTensor.
@@ -28,10 +27,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'optkit.parallel' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _LAZY)
