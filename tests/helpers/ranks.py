@@ -72,5 +72,5 @@ def spawn_ranks(module: str, phase: str, work: Path, *, deadline_s: float, label
                 process.join(10)
     paths = [result_path(work, phase, rank, tensors) for rank in range(world)]
     if tensors:
-        return [torch.load(path, weights_only=False) for path in paths]
+        return [torch.load(path, weights_only=True) for path in paths]
     return [json.loads(path.read_text()) for path in paths]
