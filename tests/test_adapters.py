@@ -431,8 +431,8 @@ def test_taking_adapters_off_a_stacking_backend_stacks_q_k_v_again(take_off):
             unmerge_adapters(model)
         unload_adapters(model)
         want = logits(never_adapted, ids, mask)
-    assert all(block.stacked for block in attention), "q/k/v should be one GEMM again once the adapters are off"
     assert (logits(model, ids, mask) - want).abs().max() <= ATOL
+    assert all(block.stacked for block in attention), "q/k/v should be one GEMM again once the adapters are off"
     assert torch.equal(model.generate(ids[:1], max_new_tokens=3), model.generate(ids[:1], max_new_tokens=3))
 
 # -- PEFT as the oracle -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ A model may hold several named adapters; one is active at a time (``set_adapter`
 Anything that replaces modules or changes what forward computes drops the decode steps an inference
 session keeps (a captured CUDA graph would otherwise replay the old computation). On a prepared model,
 stacked q/k/v never bypass an adapter (a block whose projection is wrapped computes three GEMMs), and once
-the wrappers are gone again the model is prepared again, so q/k/v are one GEMM where that pays.
+the wrappers are gone the block stacks them again by itself (``optkit.inference.attention``).
 """
 
 from __future__ import annotations
@@ -241,21 +241,15 @@ def unload_adapters(model: Model) -> Model:
 
 @contextmanager
 def rewiring(model: Model) -> Iterator[None]:
-    """Swap modules safely: kept decode steps (captured graphs, compiled steps) are dropped after, and a
-    prepared model is prepared again.
+    """Swap modules safely: kept decode steps (captured graphs, compiled steps) are dropped after.
 
-    A prepared attention block checks that q/k/v are still the modules it stacked and falls back to the
-    reference projections when one was wrapped or replaced (``optkit.inference.attention``). Preparing
-    again (``optkit.inference.prepare``, idempotent) stacks them once more where that pays -- after
-    ``unload_adapters`` puts the bases back -- and leaves wrapped ones alone; the adapters room uses only
-    that public call, never the blocks' internals."""
+    A prepared model needs nothing more: its attention blocks check that q/k/v are still the modules they
+    stacked, fall back to the reference projections while one is wrapped or replaced, and stack again once
+    the bases are back (``optkit.inference.attention``), so the adapters room never reaches into the
+    inference room."""
     try:
         yield
     finally:
-        from optkit.inference import is_prepared, prepare  # imported here: optkit.inference needs optkit.model
-
-        if is_prepared(model):
-            prepare(model)
         _drop_kept_steps(model)
 
 

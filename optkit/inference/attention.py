@@ -13,7 +13,8 @@ Two exact rewrites of :class:`optkit.model.Attention`, applied by :func:`optkit.
 
 Both are inference-only: with autograd on (training) the reference path runs. Whatever replaces a
 weight's storage afterwards (``.to()``, ``load_state_dict(assign=True)``) is detected and the stale
-stacked buffer dropped; in-place updates keep it.
+stacked buffer dropped; in-place updates keep it. A projection wrapped by an adapter unstacks the block
+(the adapter is never bypassed); once the wrappers are gone, its next inference forward stacks again.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class PreparedAttention(Attention):
             return layer
         if any(type(part) is not type(layer) for part in (self.q_proj, self.k_proj, self.v_proj)):
             self.__dict__["_stacked"] = None  # a projection was wrapped (an adapter) or replaced
+            self.__dict__["_restack_when_unwrapped"] = True
             return None
         for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
             if part.weight.data_ptr() != weight[offset].data_ptr() or \
@@ -109,8 +111,22 @@ class PreparedAttention(Attention):
         """Whether q/k/v are computed by one GEMM right now."""
         return self._current() is not None
 
+    def _restack_if_unwrapped(self) -> nn.Module | None:
+        """Stack q/k/v again once the wrappers that unstacked them are gone (adapters unloaded or merged away).
+
+        Only a block that was stacked and lost it to a wrapped or replaced projection does this, so a block
+        prepared with ``stack=False`` stays as it is, and nothing outside this room has to ask for it.
+        """
+        if not self.__dict__.get("_restack_when_unwrapped") or torch.compiler.is_compiling():
+            return None
+        if not stacking_pays((self.q_proj, self.k_proj, self.v_proj)):
+            return None  # still wrapped, or the projections are no longer of one stackable kind
+        self.__dict__["_restack_when_unwrapped"] = False
+        self.stack_projections()
+        return self._current()
+
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        stacked = None if torch.is_grad_enabled() else self._current()
+        stacked = None if torch.is_grad_enabled() else (self._current() or self._restack_if_unwrapped())
         if stacked is None:
             return super().project(x)
         sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
