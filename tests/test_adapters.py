@@ -435,6 +435,18 @@ def test_taking_adapters_off_a_stacking_backend_stacks_q_k_v_again(take_off):
     assert all(block.stacked for block in attention), "q/k/v should be one GEMM again once the adapters are off"
     assert torch.equal(model.generate(ids[:1], max_new_tokens=3), model.generate(ids[:1], max_new_tokens=3))
 
+
+@pytest.mark.skipif(bool(onednn_reasons), reason=f"oneDNN linear unavailable on this machine: {onednn_reasons}")
+def test_a_block_prepared_unstacked_stays_unstacked_after_adapters_come_off():
+    torch.manual_seed(0)
+    model = prepare(optkit.build("opt-tiny", linear="onednn", dtype=torch.float32).eval(), stack_projections=False)
+    attention = [layer.self_attn for layer in model.decoder.layers]
+    add_adapters(model, r=4)
+    unload_adapters(model)
+    ids, mask = batch(seed=15)
+    logits(model, ids, mask)
+    assert not any(block.stacked for block in attention)
+
 # -- PEFT as the oracle -----------------------------------------------------------------------------------
 def peft_library():
     """PEFT is in the ``test`` extra; without it these oracle tests cannot run (and say so)."""
