@@ -102,7 +102,7 @@ step transformers static+compile, opt-125m
 timeout 120 $B --shape opt-125m --variants sdpa/torch/float16 --hf-compiled --batch 1 --long 0 --label=-compiled
 step GEMV efficiency per opt-6.7b shape
 timeout 30 python3 benchmarks/gemv_probe.py --device cuda --dtype float16 --hidden 4096 --reps 30
-step GPU backend tests
-timeout 90 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -25
+step GPU backend tests "(flash on torch's own kernels included: test_cuda_torch_*)"
+timeout 180 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -30
 step offload: CUDA placement tests, opt-6.7b half cpu/disk vs Accelerate; timeout 120 python3 -m pytest tests/test_placement_cli.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -8; timeout 540 python3 benchmarks/bench_offload.py --device cuda --shape opt-6.7b --reps 2 --out $OUT/offload
 step done

@@ -86,6 +86,9 @@ class Registration:
     check: Check | None = None
     description: str = ""
     auto_priority: int | None = None  # rank under `auto` when registry.yaml does not catalogue the name
+    # Why `auto` should pass over it although it can run (e.g. another component runs the same kernels
+    # better); asked only by `select_auto`, so naming the component still builds it.
+    auto_check: Check | None = None
 
     def unavailable_reasons(self, device: torch.device | str, dtype: torch.dtype) -> list[str]:
         """Why this component cannot run on ``device`` in ``dtype`` (empty: it can)."""
@@ -100,11 +103,18 @@ class Registration:
             reasons.extend(self._checked_reasons(device, dtype))
         return reasons
 
-    def _checked_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+    def auto_reasons(self, device: torch.device | str, dtype: torch.dtype) -> list[str]:
+        """Why ``auto`` passes over this usable component (``auto_check``; empty: it may be picked)."""
+        if self.auto_check is None:
+            return []
+        return self._checked_reasons(torch.device(device), dtype, self.auto_check)
+
+    def _checked_reasons(self, device: torch.device, dtype: torch.dtype, check: Check | None = None) -> list[str]:
         """The plugin's own ``check``; one that crashes makes its component unavailable, never optkit."""
+        check = check or self.check
         try:
             with guarded():
-                reasons = self.check(device, dtype) if self.check is not None else []
+                reasons = check(device, dtype) if check is not None else []
         except Exception as exc:  # noqa: BLE001 - a plugin bug is a reason, reported with the plugin's name
             return [f"its availability check ({self.provider}) raised {describe(exc)}"]
         if not (isinstance(reasons, (list, tuple)) and all(isinstance(r, str) for r in reasons)):
@@ -188,17 +198,22 @@ class Registry:
         description: str = "",
         override: bool = False,
         auto_priority: int | None = None,
+        auto_check: Check | None = None,
     ) -> Registration:
         """Add a component. ``factory(params, ctx)`` builds it; see docs/hooks.md.
 
         ``auto_priority`` ranks it when a spec says ``auto`` (higher first; a name that registry.yaml
-        catalogues keeps the catalogue's priority)."""
+        catalogues keeps the catalogue's priority). ``auto_check(device, dtype)`` lists why ``auto`` should
+        pass over it even where it can run; a spec that names it still gets it."""
         if kind not in self._items:
             raise UnknownComponentError(f"unknown component kind {brief_repr(kind)} (kinds: {', '.join(KINDS)})")
         _check_registration(kind, name, factory, params, capabilities, check, auto_priority)
+        if auto_check is not None and not callable(auto_check):
+            raise ComponentError(f"{kind} {brief_repr(name)}: auto_check must be a function (device, dtype) -> "
+                                 f"list[str], got {brief_repr(auto_check)}")
         provider = self._provider or Provider("<direct>", "?", "?")
         entry = Registration(kind, name, factory, params, capabilities or Capabilities(), provider, check,
-                             description, auto_priority)
+                             description, auto_priority, auto_check)
         existing = self._items[kind].get(name)
         if existing is not None and not override and existing.factory is not factory:
             raise DuplicateComponentError(
@@ -364,7 +379,7 @@ class Registry:
         candidates = sorted(self.registrations(kind), key=lambda r: -self.auto_priority(r))
         refusals = []
         for entry in candidates:
-            reasons = entry.unavailable_reasons(device, dtype)
+            reasons = entry.unavailable_reasons(device, dtype) or entry.auto_reasons(device, dtype)
             if not reasons:
                 return entry
             refusals.append(f"{entry.name}: {'; '.join(reasons)}")

@@ -18,6 +18,7 @@ that dtype, plus a floor (fp16 1e-3, bf16 8e-3; gradients 4x those floors).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from optkit.errors import BackendUnavailableError, SpecValidationError
 from optkit.interfaces import AttentionMask
 from optkit_attention_eager import EagerAttention
 from optkit_flash.library import FlashLibrary
+from optkit_flash.torch_kernels import TorchKernels
 from optkit_flash.varlen import Segments, needs_varlen, plan_for, plan_varlen
 from optkit_xformers import Bias, XformersAttention, XformersOps, dense_bias
 
@@ -54,6 +56,8 @@ def no_library(monkeypatch):
             monkeypatch.delitem(sys.modules, module)
         monkeypatch.setitem(sys.modules, LIBRARIES[name], None)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        if name == "flash":  # a CPU-only torch also lacks torch's own flash kernels (implementation "torch")
+            monkeypatch.setattr(torch.version, "cuda", None)
         optkit_int8.probe.cache_clear()
 
     yield block
@@ -190,6 +194,7 @@ def test_plugins_import_without_their_libraries():
     code = """
 import sys, torch
 sys.modules.update(flash_attn=None, xformers=None, bitsandbytes=None)
+torch.version.cuda = None  # no flash kernels inside torch either, whatever build runs this
 import optkit_flash, optkit_xformers, optkit_int8
 cpu = torch.device("cpu")
 print(optkit_flash.check(cpu, torch.float16)[0])
@@ -214,7 +219,7 @@ def test_attention_reasons_on_cpu_without_library(name, no_library):
     assert "dtype float32 (supported: bfloat16, float16)" in text
     assert f"{LIBRARIES[name]} is not installed" in text and f"pip install 'optkit[{name}]'" in text
     assert "no CUDA device" in text
-    assert len(reasons) == 4
+    assert len(reasons) == (5 if name == "flash" else 4)  # flash: also why torch's own kernels cannot serve
 
 
 def test_int8_reasons_without_library(no_library):
@@ -898,3 +903,336 @@ def test_cuda_int8_greedy_tokens_vs_fp16(record_property, tmp_path):
     record_property("int8_cuda_greedy_agreement", free)
     print(f"int8 vs fp16 on CUDA: greedy agreement {free:.1%}, teacher-forced {forced:.1%}")
     assert forced >= 0.9
+
+
+# == flash on torch's own FlashAttention-2 kernels (implementation "torch") =================================
+def fake_flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+                                 return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None,
+                                 seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None):
+    """``aten::_flash_attention_forward`` (torch 2.13 schema) in eager math, asserting what the kernel needs.
+
+    Dense when ``cum_seq_*`` are None (q/k/v ``(B, T, H, D)``), else varlen (packed ``(total, H, D)``, int32
+    offsets, ``max_*`` bounding every sequence); causal is bottom-right (torch's ``flash_attn/mask.h``); returns
+    ``(output, softmax_logsumexp, rng_state, unused, debug_attn_mask)`` with the meta kernel's shapes.
+    """
+    TORCH_OP_CALLS.append(dict(varlen=cum_seq_q is not None, causal=is_causal, scale=scale, dropout_p=dropout_p))
+    assert not return_debug_mask and isinstance(scale, float) and isinstance(max_q, int) and isinstance(max_k, int)
+    assert query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+    if cum_seq_q is None:
+        assert cum_seq_k is None and query.dim() == 4 and (max_q, max_k) == (query.shape[1], key.shape[1])
+        allowed = bottom_right(query.shape[1], key.shape[1]) if is_causal else None
+        out = torch.stack([reference(query[b], key[b], value[b], allowed, scale, dropout_p)
+                           for b in range(query.shape[0])])
+        lse = torch.zeros(query.shape[0], query.shape[2], query.shape[1])
+    else:
+        seg = Segments(torch.empty(0), torch.empty(0), cum_seq_q, cum_seq_k, max_q, max_k, is_causal)
+        out = TorchFlash().varlen(query, key, value, seg, scale=scale, dropout_p=dropout_p)  # asserts the offsets
+        lse = torch.zeros(query.shape[1], query.shape[0])
+    return out, lse, torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64), torch.empty(0)
+
+
+TORCH_OP_CALLS: list[dict[str, Any]] = []
+
+
+class CPUTorchKernels(TorchKernels):
+    def validate(self, query: Tensor, dropout_p: float) -> None:  # the stand-in runs on CPU in fp32
+        pass
+
+
+def torch_flash_stand_in() -> optkit_flash.FlashAttention:
+    return optkit_flash.FlashAttention("torch", backend=CPUTorchKernels(forward=fake_flash_attention_forward))
+
+
+def test_stand_in_has_the_real_op_schema():
+    """The fake binds arguments exactly as this torch's op does, and TorchKernels calls the real op by default."""
+    schema = torch.ops.aten._flash_attention_forward.default._schema
+    params = inspect.signature(fake_flash_attention_forward).parameters
+    assert [a.name for a in schema.arguments] == list(params)
+    assert [a.kwarg_only for a in schema.arguments] == [p.kind is inspect.Parameter.KEYWORD_ONLY
+                                                        for p in params.values()]
+    assert [r.name for r in schema.returns] == ["output", "softmax_logsumexp", "rng_state", "unused",
+                                                 "debug_attn_mask"]
+    assert TorchKernels().forward is torch.ops.aten._flash_attention_forward
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_real_op_accepts_our_calls_and_has_a_backward(padded):
+    """The real op's meta kernel (shapes only, no GPU) binds TorchKernels' dense and varlen calls; autograd
+    records FlashAttentionBackward0 and its backward runs: training is supported, not just forward."""
+    padding = torch.tensor([[False, True, True, True, True], [True, True, True, False, False]]) if padded else None
+    mask = AttentionMask(batch_size=2, q_len=2, kv_len=5, q_offset=3, key_padding=padding)
+    meta = lambda *shape: torch.randn(*shape, dtype=torch.float16, device="meta", requires_grad=True)  # noqa: E731
+    q, k, v = meta(2, 4, 2, 64), meta(2, 4, 5, 64), meta(2, 4, 5, 64)
+    plan = plan_for(mask, torch.device("cpu"))
+    assert (plan is not None) == padded
+    if plan is None:
+        out = TorchKernels().dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                   scale=0.125, dropout_p=0.1)
+        assert out.shape == (2, 2, 4, 64)
+    else:
+        seg = plan.calls[0]  # row 0's two real queries against its four real keys
+        n_q, n_k = int(seg.cu_seqlens_q[-1]), int(seg.cu_seqlens_k[-1])
+        assert (n_q, n_k, seg.causal) == (2, 4, True)
+        seg = Segments(seg.q_index, seg.k_index, seg.cu_seqlens_q.to("meta"), seg.cu_seqlens_k.to("meta"),
+                       seg.max_seqlen_q, seg.max_seqlen_k, seg.causal)
+        rows = lambda t, n: t.transpose(1, 2).reshape(-1, 4, 64)[:n]  # noqa: E731
+        out = TorchKernels().varlen(rows(q, n_q), rows(k, n_k), rows(v, n_k), seg, scale=0.125, dropout_p=0.1)
+        assert out.shape == (n_q, 4, 64)
+    assert type(out.grad_fn).__name__ == "FlashAttentionBackward0"
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=mask_case())
+def test_torch_kernels_stand_in_plan_equals_eager(case):
+    """Padding, cache offsets and static slots through the real plan into torch's op (stand-in): eager's output."""
+    q, k, v, mask = make_case(case)
+    scale = case[2] ** -0.5
+    TORCH_OP_CALLS.clear()
+    got = torch_flash_stand_in()(q, k, v, mask, scale=scale).output
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    assert (got - eager(q, k, v, mask, scale)).abs().max() <= 1e-5
+    assert all(call["scale"] == scale and call["dropout_p"] == 0.0 for call in TORCH_OP_CALLS)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=mask_case())
+def test_torch_kernels_stand_in_gradients_equal_eager(case):
+    grads = {}
+    for name, kernel in (("eager", EagerAttention()), ("torch", torch_flash_stand_in())):
+        q, k, v, mask = make_case(case)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out = kernel(q, k, v, mask, scale=0.3).output
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[name] = [t.grad for t in (q, k, v)]
+    for ours, ref in zip(grads["torch"], grads["eager"]):
+        assert torch.isfinite(ours).all() and (ours - ref).abs().max() <= 1e-5
+
+
+def test_torch_kernels_stand_in_calls_and_dropout():
+    """Dense causal at a cache offset, varlen for padding (causal + full call), dropout_p passed through."""
+    kernel = torch_flash_stand_in()
+    padding = torch.tensor([[False, True, True, True, True], [True, True, True, False, False]])
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (2, 5, 5))
+    for mask, expected in ((AttentionMask(batch_size=2, q_len=2, kv_len=5, q_offset=3), [(False, True)]),
+                           (AttentionMask(batch_size=2, q_len=5, kv_len=5, key_padding=padding),
+                            [(True, True), (True, False)])):
+        TORCH_OP_CALLS.clear()
+        query = q if mask.q_len == 2 else torch.randn(2, 3, 5, 16)
+        got = kernel(query, k, v, mask, scale=1.0).output
+        assert torch.allclose(got, eager(query, k, v, mask, 1.0), atol=1e-5)
+        assert [(c["varlen"], c["causal"]) for c in TORCH_OP_CALLS] == expected
+    TORCH_OP_CALLS.clear()
+    kernel(q, k, v, AttentionMask(batch_size=2, q_len=2, kv_len=5, q_offset=3), scale=1.0, dropout_p=0.25)
+    assert TORCH_OP_CALLS[0]["dropout_p"] == 0.25
+
+
+def test_torch_kernels_refuse_float32_and_cpu():
+    with pytest.raises(BackendUnavailableError, match=r"attention 'flash' \(torch .* flash kernels\) runs "
+                                                      r"float16/bfloat16 on CUDA; got torch.float32 on cpu"):
+        TorchKernels().validate(torch.zeros(1, 1, 1, 8), 0.0)
+    TorchKernels().validate(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16), 0.1)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA machine as the availability checks see it; returns a setter for (capability, name)."""
+    lib = optkit_flash.library
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(lib, "_import_error", lambda kind: None)
+
+    def gpu(capability: tuple[int, int], name: str) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+
+    gpu((9, 0), "NVIDIA H200")
+    yield gpu
+    lib.load.cache_clear()
+
+
+def test_auto_order_is_flash_attn_2_then_fa4_then_torch(fake_gpu, monkeypatch):
+    lib = optkit_flash.library
+    every = {"fa2": "2.8.3", "fa4": "4.0.0b36", "torch": "2.11.0+cu130"}
+    for present, expected in ((("fa2", "fa4", "torch"), "fa2"), (("fa4", "torch"), "fa4"), (("torch",), "torch"),
+                              (("fa2", "fa4"), "fa2"), (("fa4",), "fa4")):
+        monkeypatch.setattr(lib, "installed", lambda present=present: {k: every[k] for k in present})
+        assert lib.resolve("cuda") == (expected, [])
+        assert lib.resolve("cuda", "torch") == (("torch", []) if "torch" in present else (None, [
+            "torch 2.13.0+cpu has no CUDA flash kernels of its own (a CPU-only build), so implementation 'torch' "
+            "(its FlashAttention-2 kernels, no extra install) cannot serve: use a CUDA build of torch"
+            .replace("2.13.0+cpu", torch.__version__)]))
+    monkeypatch.setattr(lib, "installed", lambda: {"fa4": every["fa4"], "torch": every["torch"]})
+    fake_gpu((8, 0), "NVIDIA A100")  # FA4 needs Hopper: auto falls back to torch's kernels
+    assert lib.resolve("cuda") == ("torch", [])
+    assert lib.resolve("cuda", "fa4") == (None, ["compute capability 8.0 of NVIDIA A100 is below 9.0"])
+    monkeypatch.setattr(lib, "installed", lambda: {"fa2": every["fa2"], "torch": every["torch"]})
+    monkeypatch.setattr(lib, "_import_error", lambda kind: "ImportError: undefined symbol" if kind == "fa2" else None)
+    assert lib.resolve("cuda") == ("torch", [])  # a flash-attn 2 built for another torch does not block flash
+    assert lib.resolve("cuda", "fa2") == (None, ["flash_attn is installed but does not import: ImportError: "
+                                                 "undefined symbol"])
+
+
+def test_auto_attention_takes_flash_only_from_a_flash_library(fake_gpu, monkeypatch):
+    """torch's own flash kernels are what sdpa dispatches to, and sdpa keeps CUDA-graph decoding."""
+    lib = optkit_flash.library
+    flash = optkit.registry.get("attention", "flash")
+    monkeypatch.setattr(lib, "installed", lambda: {"torch": "2.11.0+cu130"})
+    assert flash.unavailable_reasons("cuda", torch.float16) == []  # attention="flash" runs them
+    assert "sdpa already runs" in flash.auto_reasons("cuda", torch.float16)[0]
+    assert optkit.registry.select_auto("attention", "cuda", torch.float16).name != "flash"
+    monkeypatch.setattr(lib, "installed", lambda: {"fa2": "2.8.3", "torch": "2.11.0+cu130"})
+    assert flash.auto_reasons("cuda", torch.float16) == []
+    assert optkit.registry.select_auto("attention", "cuda", torch.float16).name == "flash"
+
+
+def test_no_usable_implementation_names_each(fake_gpu, monkeypatch):
+    lib = optkit_flash.library
+    monkeypatch.setattr(lib, "installed", lambda: {"fa4": "4.0.0b36", "torch": "2.11.0+cu130"})
+    fake_gpu((7, 5), "Tesla T4")
+    assert lib.unavailable_reasons("cuda", torch.float16) == [
+        "FlashAttention-4: compute capability 7.5 of Tesla T4 is below 9.0",
+        "torch's own flash kernels: compute capability 7.5 of Tesla T4 is below 8.0"]
+    with pytest.raises(BackendUnavailableError, match=r"implementation 'auto'\) cannot run: FlashAttention-4: "
+                                                      r"compute capability 7.5"):
+        lib.load("auto")
+
+
+def test_load_returns_torch_kernels_when_only_torch_has_them(fake_gpu, monkeypatch):
+    lib = optkit_flash.library
+    monkeypatch.setattr(lib, "installed", lambda: {"torch": "2.11.0+cu130"})
+    for implementation in ("auto", "torch"):
+        backend = lib.load(implementation)
+        assert isinstance(backend, TorchKernels) and backend.forward is torch.ops.aten._flash_attention_forward
+        assert optkit_flash.FlashAttention(implementation).backend is backend
+    with pytest.raises(BackendUnavailableError, match="flash-attn implementation 'fa2' is not installed "
+                                                      r"\(found: torch\)"):
+        lib.load("fa2")
+
+
+def test_flash_reasons_on_a_cpu_only_torch_name_all_three(monkeypatch):
+    """This machine's case (forced, so it holds on any build): no flash_attn, no flash kernels in torch, no CUDA."""
+    lib = optkit_flash.library
+    monkeypatch.setattr(lib, "_package_present", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reasons = lib.unavailable_reasons("cuda", torch.float16)
+    assert len(reasons) == 3
+    assert reasons[0].startswith("flash_attn is not installed") and "pip install 'optkit[flash]'" in reasons[0] \
+        and "pip install flash-attn-4" in reasons[0]  # flash-attn 2 and FlashAttention-4
+    assert "no CUDA flash kernels of its own (a CPU-only build)" in reasons[1] and "implementation 'torch'" in \
+        reasons[1]
+    assert reasons[2].startswith("no CUDA device (this torch is a CPU-only build")
+    assert all(len(r) <= 220 for r in reasons)
+
+
+def test_torch_built_without_flash_is_a_reason(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)
+    assert optkit_flash.torch_kernels.missing_reason() == f"torch {torch.__version__} was built without flash " \
+                                                          "attention"
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    assert optkit_flash.torch_kernels.missing_reason() is None
+
+
+def test_implementation_torch_is_a_valid_param():
+    assert optkit_flash.FlashParams(implementation="torch").implementation == "torch"
+    with pytest.raises(Exception, match="implementation"):
+        optkit_flash.FlashParams(implementation="xformers")
+
+
+# -- CUDA: torch's own kernels for real --------------------------------------------------------------------
+def torch_flash_kernel() -> optkit_flash.FlashAttention:
+    reasons = optkit_flash.library.unavailable_reasons("cuda", torch.float16, "torch")
+    if reasons:
+        pytest.skip(f"torch's own flash kernels cannot run here: {'; '.join(reasons)}")
+    kernel = optkit_flash.FlashAttention("torch")
+    assert isinstance(kernel.backend, TorchKernels)
+    return kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_torch_op_causal_is_bottom_right(dtype):
+    """The alignment the varlen plans rely on, checked on the kernel itself: dense and varlen, q_len < k_len."""
+    torch_flash_kernel()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 64, device="cuda", dtype=dtype, generator=g) for n in (3, 7, 7))
+    out = torch.ops.aten._flash_attention_forward(q, k, v, None, None, 3, 7, 0.0, True, False, scale=0.125)[0]
+    ref = torch.stack([reference(q[b].float(), k[b].float(), v[b].float(), bottom_right(3, 7, "cuda"), 0.125)
+                       for b in range(2)])
+    assert float((out.float() - ref).abs().max()) <= 4 * FLOOR[dtype]
+    cu_q, cu_k = (torch.tensor([0, 3, 6], dtype=torch.int32, device="cuda"),
+                  torch.tensor([0, 7, 14], dtype=torch.int32, device="cuda"))
+    packed = torch.ops.aten._flash_attention_forward(q.reshape(6, 4, 64), k.reshape(14, 4, 64), v.reshape(14, 4, 64),
+                                                     cu_q, cu_k, 3, 7, 0.0, True, False, scale=0.125)[0]
+    assert float((packed.view(2, 3, 4, 64).float() - ref).abs().max()) <= 4 * FLOOR[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mask_case(head_dims=(64, 80, 128)))
+def test_cuda_torch_kernels_equal_eager_forward_and_backward(dtype, case):
+    kernel = torch_flash_kernel()
+    q, k, v, mask = make_case(case, dtype, "cuda")
+    scale = case[2] ** -0.5
+    grad_out = torch.randn(q.shape, device="cuda", dtype=dtype)
+    results = {}
+    for label, fn, cast in (("ref", EagerAttention(), torch.float32), ("low", EagerAttention(), dtype),
+                            ("got", kernel, dtype)):
+        inputs = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*inputs, mask, scale=scale).output
+        out.backward(grad_out.to(cast))
+        results[label] = [out] + [t.grad for t in inputs]
+    got, low, ref = results["got"], results["low"], results["ref"]
+    assert all(torch.isfinite(t).all() for t in got)
+    assert within_eager_error(got[0], low[0], ref[0], dtype)
+    for ours, lows, refs in zip(got[1:], low[1:], ref[1:]):
+        assert within_eager_error(ours, lows, refs, dtype, factor=4.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_torch_kernels_zero_rows_and_dropout(dtype):
+    kernel = torch_flash_kernel()
+    q, k, v = (torch.randn(3, 4, 6, 64, device="cuda", dtype=dtype) * 30 for _ in range(3))
+    padding = torch.tensor([[False] * 4 + [True] * 2, [False] * 6, [True] * 6], device="cuda")
+    for past in (0, 5):
+        mask = AttentionMask(batch_size=3, q_len=6 - past, kv_len=6, q_offset=past, key_padding=padding)
+        out = kernel(q[:, :, past:], k, v, mask, scale=1.0).output
+        assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    mask = AttentionMask(batch_size=3, q_len=6, kv_len=6, key_padding=padding)
+    plain = kernel(q, k, v, mask, scale=0.125).output
+    dropped = kernel(q, k, v, mask, scale=0.125, dropout_p=0.3).output
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, plain)
+    assert torch.equal(dropped[0, :, :4], torch.zeros_like(dropped[0, :, :4]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_torch_kernels_model_logits_and_cached_decoding(dtype):
+    torch_flash_kernel()
+    flash = {"name": "flash", "params": {"implementation": "torch"}}
+    model, reference = cuda_model(dtype), cuda_model(torch.float32)
+    ids, mask = prompts(device="cuda")
+    with torch.no_grad():
+        ref = reference(ids, attention_mask=mask).logits
+        low = model(ids, attention_mask=mask).logits
+        optkit.set_backend(model, attention=flash)
+        assert isinstance(model.decoder.layers[0].self_attn.kernel.backend, TorchKernels)
+        got = model(ids, attention_mask=mask).logits
+        assert torch.isfinite(got).all() and within_eager_error(got, low, ref, dtype, factor=10.0)
+        for kind in ("dynamic", "static"):  # prefill 6, then 4 single-token steps on each cache
+            steps = {}
+            for label, backend in (("eager", "eager"), ("flash", flash)):
+                optkit.set_backend(model, attention=backend)
+                cache = model.new_cache(ids.shape[0], max_length=16, kind=kind)
+                logits = [model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache).logits]
+                for t in range(6, 10):
+                    logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+                steps[label] = torch.cat(logits, 1)
+            scale = float(steps["eager"].float().abs().max())
+            assert (steps["flash"].float() - steps["eager"].float()).abs().max() <= 4 * FLOOR[dtype] * max(scale, 1.0)

@@ -263,6 +263,23 @@ def test_select_auto_skips_unusable_and_explains(registry):
     assert registry.select_auto("attention", "mps", torch.float32).name == "eager"
 
 
+def test_auto_check_makes_auto_pass_over_a_usable_component_that_a_spec_can_still_name(registry):
+    registry.register("attention", "sdpa", sdpa)
+    registry.register("attention", "flash", flash, auto_check=lambda device, dtype: ["sdpa runs the same kernels"])
+    assert registry.select_auto("attention", "cpu", torch.float32).name == "sdpa"
+    assert registry.get("attention", "flash").unavailable_reasons("cpu", torch.float32) == []  # naming it works
+    assert registry.get("attention", "flash").auto_reasons("cpu", torch.float32) == ["sdpa runs the same kernels"]
+    alone = Registry(autoload=False)
+    alone.register("attention", "flash", flash, auto_check=lambda device, dtype: ["sdpa runs the same kernels"])
+    with pytest.raises(BackendUnavailableError, match=r"^no usable attention for cpu/float32: flash: sdpa runs the "):
+        alone.select_auto("attention", "cpu", torch.float32)
+    broken = Registry(autoload=False)  # a crashing auto_check is a reason, never optkit's crash
+    broken.register("attention", "flash", flash, auto_check=lambda device, dtype: 1 / 0)
+    assert "ZeroDivisionError" in broken.get("attention", "flash").auto_reasons("cpu", torch.float32)[0]
+    with pytest.raises(ComponentError, match=r"attention 'x': auto_check must be a function"):
+        broken.register("attention", "x", flash, auto_check="no")
+
+
 def test_select_auto_uncatalogued_kind(registry):
     registry.register("kv_cache", "static", eager)
     registry.register("kv_cache", "dynamic", sdpa)

@@ -1,11 +1,15 @@
-"""flash-attn as an optkit attention backend (``attention="flash"``).
+"""FlashAttention as an optkit attention backend (``attention="flash"``).
 
-flash-attn is imported on first use, never at plugin import, so this plugin always loads and can explain why
-flash is unavailable (no library, no CUDA, an old GPU, float32). Masks map onto flash-attn exactly:
+Three implementations (`library.ORDER`): flash-attn 2, FlashAttention-4, and the FlashAttention-2 kernels torch
+itself ships (`torch_kernels`, any CUDA build of torch, no install). flash-attn is imported on first use, never at
+plugin import, so this plugin always loads and can explain why flash is unavailable (no library and a CPU-only
+torch, no CUDA, an old GPU, float32). Masks map onto all three exactly:
 
-* no visible padding: ``flash_attn_func``; causal with a cache offset uses flash-attn's bottom-right alignment
-  (>= 2.1) over the keys up to the last query, so unwritten static-cache slots never enter;
-* padding: `varlen.plan_varlen` packs the real rows and calls ``flash_attn_varlen_func`` (at most twice);
+* no visible padding: ``flash_attn_func`` (torch: ``_flash_attention_forward`` without ``cum_seq_*``); causal
+  with a cache offset uses the bottom-right alignment all three share (flash-attn >= 2.1) over the keys up to the
+  last query, so unwritten static-cache slots never enter;
+* padding: `varlen.plan_varlen` packs the real rows and calls ``flash_attn_varlen_func`` (torch: the same op with
+  ``cum_seq_q``/``cum_seq_k``) at most twice;
   pad positions are zero-filled, the contract every backend shares (never NaN).
 
 ``scale`` goes to flash-attn as ``softmax_scale`` unchanged (1.0 from the reference OPT block, which pre-scales q;
@@ -34,7 +38,8 @@ CAPABILITIES = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"floa
 
 
 class FlashParams(BaseModel):
-    """``implementation``: "auto" (flash-attn 2 if installed, else FA4), or force "fa2" / "fa4"."""
+    """``implementation``: "auto" (the first usable of flash-attn 2, FA4, torch's own kernels), or force
+    "fa2" / "fa4" / "torch"."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -103,7 +108,18 @@ def check(device: torch.device, dtype: torch.dtype) -> list[str]:
     return library.unavailable_reasons(device, dtype)
 
 
+def auto_check(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """``attention="auto"`` takes flash only from a flash library: torch's own flash kernels are the ones
+    ``sdpa`` already dispatches to, and sdpa keeps CUDA-graph decoding, which flash does not declare."""
+    if library.resolve(device)[0] == "torch":
+        return ["only torch's own flash kernels are present, which sdpa already runs (with CUDA-graph decoding); "
+                "name attention='flash' to use them"]
+    return []
+
+
 @optkit.hookimpl
 def optkit_register(registry: Registry) -> None:
     registry.register("attention", "flash", flash, params=FlashParams, capabilities=CAPABILITIES, check=check,
-                      description="flash-attn 2 / FlashAttention-4: fp16/bf16 on CUDA, varlen for padding")
+                      auto_check=auto_check,
+                      description="flash-attn 2 / FlashAttention-4 / torch's FA2 kernels: fp16/bf16 on CUDA, varlen "
+                                  "for padding")

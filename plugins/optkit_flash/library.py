@@ -1,10 +1,11 @@
 """Finding, explaining and calling flash-attn without importing it until it is needed.
 
-Two libraries provide the ``flash_attn`` package: flash-attn 2 (distribution ``flash-attn``, built from source
-against one torch) and FlashAttention-4 (distribution ``flash-attn-4``, a pure-Python CuTe-DSL wheel that adds
-``flash_attn.cute`` for Hopper/Blackwell). Their entry points differ in arguments and return values, so each is
-wrapped in a `FlashLibrary` with one calling convention. Detection reads distribution metadata and import specs
-only, so ``optkit info`` can say why flash is unavailable on a machine where importing it would crash.
+Three implementations: flash-attn 2 (distribution ``flash-attn``, built from source against one torch),
+FlashAttention-4 (distribution ``flash-attn-4``, a pure-Python CuTe-DSL wheel that adds ``flash_attn.cute`` for
+Hopper/Blackwell), and the FlashAttention-2 kernels inside every CUDA build of torch (`torch_kernels`, no install).
+Their entry points differ in arguments and return values, so each is wrapped with one calling convention.
+Detection reads distribution metadata, import specs and torch's build flags only, so ``optkit info`` can say why
+flash is unavailable on a machine where importing it would crash. "auto" takes the first of `ORDER` that can run.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from torch import Tensor
 
 from optkit.errors import BackendUnavailableError
 
+from . import torch_kernels
 from .varlen import Segments
 
-Implementation = Literal["auto", "fa2", "fa4"]
-INSTALL_HINT = ("install it with `pip install 'optkit[flash]'` (flash-attn 2 is a source build that needs the CUDA "
-                "toolkit and a matching torch) or, on Hopper/Blackwell, `pip install flash-attn-4` (a wheel)")
+Implementation = Literal["auto", "fa2", "fa4", "torch"]
+ORDER = ("fa2", "fa4", "torch")  # flash-attn 2 has dropout and the longest record; torch's copy is the fallback
+LABELS = {"fa2": "flash-attn 2", "fa4": "FlashAttention-4", "torch": "torch's own flash kernels"}
+INSTALL_HINT = ("install it with `pip install 'optkit[flash]'` (flash-attn 2: a source build needing the CUDA "
+                "toolkit) or, on Hopper/Blackwell, `pip install flash-attn-4` (a wheel)")
 FA2_DISTRIBUTIONS = ("flash-attn", "flash_attn")
 FA4_DISTRIBUTIONS = ("flash-attn-4", "fa4")
 FA2_MIN_VERSION = (2, 1)  # 2.1 moved the causal mask to the bottom-right corner, which cached decoding needs
-MIN_CAPABILITY = {"fa2": (8, 0), "fa4": (9, 0)}
+MIN_CAPABILITY = {"fa2": (8, 0), "fa4": (9, 0), "torch": torch_kernels.MIN_CAPABILITY}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
@@ -70,22 +74,24 @@ def _package_present() -> bool:
 
 
 def installed() -> dict[str, str]:
-    """``{"fa2": version, "fa4": version}`` for what is installed (empty: neither)."""
-    if not _package_present():
-        return {}
+    """``{"fa2": version, "fa4": version, "torch": version}`` for what is present (empty: none)."""
     found = {}
-    for kind, names in (("fa2", FA2_DISTRIBUTIONS), ("fa4", FA4_DISTRIBUTIONS)):
-        version = _version(names)
-        if version is not None:
-            found[kind] = version
-    return found or {"fa2": "?"}  # a source checkout on sys.path: assume flash-attn 2
+    if _package_present():
+        for kind, names in (("fa2", FA2_DISTRIBUTIONS), ("fa4", FA4_DISTRIBUTIONS)):
+            version = _version(names)
+            if version is not None:
+                found[kind] = version
+        found = found or {"fa2": "?"}  # a source checkout on sys.path: assume flash-attn 2
+    if torch_kernels.missing_reason() is None:
+        found["torch"] = torch.__version__
+    return found
 
 
 def choose(implementation: Implementation, found: dict[str, str]) -> str | None:
-    """flash-attn 2 first under "auto" (it has dropout and the longest track record), else FA4."""
+    """The first present implementation in `ORDER` under "auto" (whether it can run here is `resolve`'s job)."""
     if implementation != "auto":
         return implementation if implementation in found else None
-    return "fa2" if "fa2" in found else ("fa4" if "fa4" in found else None)
+    return next((kind for kind in ORDER if kind in found), None)
 
 
 def cuda_reasons(device: torch.device, minimum: tuple[int, int]) -> list[str]:
@@ -104,26 +110,58 @@ def cuda_reasons(device: torch.device, minimum: tuple[int, int]) -> list[str]:
     return []
 
 
-def unavailable_reasons(device: torch.device | str, dtype: torch.dtype,
-                        implementation: Implementation = "auto") -> list[str]:
-    """Why flash cannot run here; device/dtype support itself is reported by the registry's capabilities."""
-    device = torch.device(device)
-    found = installed()
-    kind = choose(implementation, found)
+def _missing(implementation: Implementation, found: dict[str, str]) -> list[str]:
+    """Nothing to run: name every implementation asked for and how to get it (each reason < 200 characters)."""
+    torch_missing = f"{torch_kernels.missing_reason()}, so implementation 'torch' (its FlashAttention-2 kernels, " \
+                    "no extra install) cannot serve: use a CUDA build of torch"
+    if implementation == "torch":
+        return [torch_missing]
+    if implementation == "auto":
+        return [f"flash_attn is not installed: {INSTALL_HINT}", torch_missing]
+    return [f"flash-attn implementation '{implementation}' is not installed (found: {', '.join(found) or 'none'}): "
+            f"{INSTALL_HINT}"]
+
+
+def _kind_reasons(kind: str, found: dict[str, str], device: torch.device) -> list[str]:
+    """Why one present implementation cannot run on ``device``."""
     reasons = []
-    if kind is None:
-        missing = "flash_attn is not installed" if not found else f"flash-attn implementation '{implementation}' " \
-                                                                  f"is not installed (found: {', '.join(found)})"
-        reasons.append(f"{missing}: {INSTALL_HINT}")
-    elif kind == "fa2" and found["fa2"] != "?" and _release(found["fa2"]) < FA2_MIN_VERSION:
+    if kind == "fa2" and found["fa2"] != "?" and _release(found["fa2"]) < FA2_MIN_VERSION:
         reasons.append(f"flash-attn {found['fa2']} aligns the causal mask top-left; optkit needs >= 2.1 "
                        "(bottom-right, for cached decoding): pip install -U flash-attn")
-    reasons += cuda_reasons(device, MIN_CAPABILITY.get(kind or "fa2", (8, 0)))
-    if kind is not None and not reasons and device.type == "cuda":
+    reasons += cuda_reasons(device, MIN_CAPABILITY[kind])
+    if kind != "torch" and not reasons and device.type == "cuda":
         error = _import_error(kind)
         if error:
             reasons.append(f"flash_attn is installed but does not import: {error}")
     return reasons
+
+
+def resolve(device: torch.device | str, implementation: Implementation = "auto") -> tuple[str | None, list[str]]:
+    """(the implementation that runs on ``device``, []) or (None, why none can).
+
+    "auto" walks `ORDER` over what is present and takes the first that can run, so a FA4 install on an A100 or a
+    flash-attn 2 built for another torch falls back to torch's own kernels. With several present and none usable,
+    each reason is prefixed by its implementation's name.
+    """
+    device = torch.device(device)
+    found = installed()
+    kinds = [kind for kind in ORDER if kind in found] if implementation == "auto" else \
+        [implementation] if implementation in found else []
+    if not kinds:
+        return None, _missing(implementation, found) + cuda_reasons(device, (8, 0))
+    per_kind = {kind: _kind_reasons(kind, found, device) for kind in kinds}
+    usable = [kind for kind in kinds if not per_kind[kind]]
+    if usable:
+        return usable[0], []
+    if len(kinds) == 1:
+        return None, per_kind[kinds[0]]
+    return None, list(dict.fromkeys(f"{LABELS[kind]}: {reason}" for kind in kinds for reason in per_kind[kind]))
+
+
+def unavailable_reasons(device: torch.device | str, dtype: torch.dtype,
+                        implementation: Implementation = "auto") -> list[str]:
+    """Why flash cannot run here; device/dtype support itself is reported by the registry's capabilities."""
+    return resolve(device, implementation)[1]
 
 
 @lru_cache(maxsize=None)
@@ -182,12 +220,15 @@ def _output(result: Any) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def load(implementation: Implementation = "auto") -> FlashLibrary:
-    """Import the chosen flash-attn (first use only); a missing one is a `BackendUnavailableError`."""
-    found = installed()
-    kind = choose(implementation, found)
+def load(implementation: Implementation = "auto") -> FlashBackend:
+    """The implementation `resolve` picks for CUDA (imported on first use only); none is a `BackendUnavailableError`."""
+    kind, reasons = resolve("cuda", implementation)
     if kind is None:
-        raise BackendUnavailableError(f"attention 'flash': flash_attn is not installed; {INSTALL_HINT}")
+        raise BackendUnavailableError(f"attention 'flash' (implementation '{implementation}') cannot run: "
+                                      f"{'; '.join(reasons)}")
+    if kind == "torch":
+        return torch_kernels.TorchKernels()
+    found = installed()
     module = importlib.import_module("flash_attn.cute" if kind == "fa4" else "flash_attn")
     label = f"flash-attn-4 {found[kind]}" if kind == "fa4" else f"flash-attn {found[kind]}"
     return FlashLibrary(label=label, fa4=kind == "fa4", dense_fn=module.flash_attn_func,
