@@ -749,13 +749,8 @@ def within_eager_error(got: Tensor, low: Tensor, ref: Tensor, dtype: torch.dtype
         FLOOR[dtype] * factor
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("name", ["flash", "xformers"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=mask_case(head_dims=(64, 80, 128)))
-def test_cuda_kernel_equals_eager_forward_and_backward(name, dtype, case):
-    kernel = real_kernel(name)
+def assert_cuda_kernel_equals_eager(kernel, case, dtype) -> None:
+    """Forward and gradients of ``kernel`` within twice eager's own error in ``dtype`` (against fp32 eager)."""
     q, k, v, mask = make_case(case, dtype, "cuda")
     scale = case[2] ** -0.5
     grad_out = torch.randn(q.shape, device="cuda", dtype=dtype)
@@ -771,6 +766,15 @@ def test_cuda_kernel_equals_eager_forward_and_backward(name, dtype, case):
     assert within_eager_error(got[0], low[0], ref[0], dtype)
     for ours, lows, refs in zip(got[1:], low[1:], ref[1:]):
         assert within_eager_error(ours, lows, refs, dtype, factor=4.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("name", ["flash", "xformers"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mask_case(head_dims=(64, 80, 128)))
+def test_cuda_kernel_equals_eager_forward_and_backward(name, dtype, case):
+    assert_cuda_kernel_equals_eager(real_kernel(name), case, dtype)
 
 
 @pytest.mark.cuda
@@ -1176,22 +1180,7 @@ def test_cuda_torch_op_causal_is_bottom_right(dtype):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mask_case(head_dims=(64, 80, 128)))
 def test_cuda_torch_kernels_equal_eager_forward_and_backward(dtype, case):
-    kernel = torch_flash_kernel()
-    q, k, v, mask = make_case(case, dtype, "cuda")
-    scale = case[2] ** -0.5
-    grad_out = torch.randn(q.shape, device="cuda", dtype=dtype)
-    results = {}
-    for label, fn, cast in (("ref", EagerAttention(), torch.float32), ("low", EagerAttention(), dtype),
-                            ("got", kernel, dtype)):
-        inputs = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
-        out = fn(*inputs, mask, scale=scale).output
-        out.backward(grad_out.to(cast))
-        results[label] = [out] + [t.grad for t in inputs]
-    got, low, ref = results["got"], results["low"], results["ref"]
-    assert all(torch.isfinite(t).all() for t in got)
-    assert within_eager_error(got[0], low[0], ref[0], dtype)
-    for ours, lows, refs in zip(got[1:], low[1:], ref[1:]):
-        assert within_eager_error(ours, lows, refs, dtype, factor=4.0)
+    assert_cuda_kernel_equals_eager(torch_flash_kernel(), case, dtype)
 
 
 @pytest.mark.cuda

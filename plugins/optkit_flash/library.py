@@ -24,6 +24,7 @@ from torch import Tensor
 from optkit.errors import BackendUnavailableError
 
 from . import torch_kernels
+from .inputs import require_half_on_cuda
 from .varlen import Segments
 
 Implementation = Literal["auto", "fa2", "fa4", "torch"]
@@ -35,7 +36,6 @@ FA2_DISTRIBUTIONS = ("flash-attn", "flash_attn")
 FA4_DISTRIBUTIONS = ("flash-attn-4", "fa4")
 FA2_MIN_VERSION = (2, 1)  # 2.1 moved the causal mask to the bottom-right corner, which cached decoding needs
 MIN_CAPABILITY = {"fa2": (8, 0), "fa4": (9, 0), "torch": torch_kernels.MIN_CAPABILITY}
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
@@ -191,11 +191,7 @@ class FlashLibrary:
     varlen_fn: Callable[..., Any]
 
     def validate(self, query: Tensor, dropout_p: float) -> None:
-        if query.device.type != "cuda" or query.dtype not in HALF_DTYPES:
-            raise BackendUnavailableError(
-                f"attention 'flash' ({self.label}) runs float16/bfloat16 on CUDA; got {query.dtype} on "
-                f"{query.device.type}: build the model with dtype=torch.float16 or torch.bfloat16 on cuda, "
-                "or use attention='sdpa'")
+        require_half_on_cuda(self.label, query)
         if self.fa4 and dropout_p > 0.0:
             raise BackendUnavailableError(
                 f"attention 'flash' ({self.label}) has no attention dropout; set decoder.attention_dropout to 0, "

@@ -28,11 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from optkit.errors import BackendUnavailableError
-
+from .inputs import require_half_on_cuda
 from .varlen import Segments
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
 
 
@@ -55,11 +53,7 @@ class TorchKernels:
     forward: Callable[..., Any] = torch.ops.aten._flash_attention_forward
 
     def validate(self, query: Tensor, dropout_p: float) -> None:
-        if query.device.type != "cuda" or query.dtype not in HALF_DTYPES:
-            raise BackendUnavailableError(
-                f"attention 'flash' ({self.label}) runs float16/bfloat16 on CUDA; got {query.dtype} on "
-                f"{query.device.type}: build the model with dtype=torch.float16 or torch.bfloat16 on cuda, "
-                "or use attention='sdpa'")
+        require_half_on_cuda(self.label, query)
 
     def dense(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, dropout_p: float) -> Tensor:
         return self.forward(q, k, v, None, None, q.shape[1], k.shape[1], dropout_p, causal, False, scale=scale)[0]
