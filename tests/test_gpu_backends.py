@@ -400,14 +400,15 @@ def test_xformers_biases_equal_eager(case):
 def test_plan_gradients_equal_eager(case):
     grads = {}
     for name, kernel in (("eager", EagerAttention()), ("flash", optkit_flash.FlashAttention(backend=TorchFlash())),
-                         ("xformers", XformersAttention(backend=TorchXformers()))):
+                         ("xformers", XformersAttention(backend=TorchXformers())),
+                         ("flash on torch's op", torch_flash_stand_in())):
         q, k, v, mask = make_case(case)
         for t in (q, k, v):
             t.requires_grad_(True)
         out = kernel(q, k, v, mask, scale=0.3).output
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads[name] = [t.grad for t in (q, k, v)]
-    for name in ("flash", "xformers"):
+    for name in ("flash", "xformers", "flash on torch's op"):
         for ours, ref in zip(grads[name], grads["eager"]):
             assert torch.isfinite(ours).all() and (ours - ref).abs().max() <= 1e-5
 
@@ -749,6 +750,22 @@ def within_eager_error(got: Tensor, low: Tensor, ref: Tensor, dtype: torch.dtype
         FLOOR[dtype] * factor
 
 
+def assert_cached_decoding_equals_eager(model, ids: Tensor, mask: Tensor, backend, dtype: torch.dtype) -> None:
+    """Prefill 6 tokens, then 4 single-token steps, on a dynamic and a static cache: ``backend``'s logits
+    within 4 x the dtype's floor (relative to the largest logit) of eager's."""
+    for kind in ("dynamic", "static"):
+        steps = {}
+        for label, attention in (("eager", "eager"), ("backend", backend)):
+            optkit.set_backend(model, attention=attention)
+            cache = model.new_cache(ids.shape[0], max_length=16, kind=kind)
+            logits = [model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache).logits]
+            for t in range(6, 10):
+                logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+            steps[label] = torch.cat(logits, 1)
+        scale = float(steps["eager"].float().abs().max())
+        assert (steps["backend"].float() - steps["eager"].float()).abs().max() <= 4 * FLOOR[dtype] * max(scale, 1.0)
+
+
 def assert_cuda_kernel_equals_eager(kernel, case, dtype) -> None:
     """Forward and gradients of ``kernel`` within twice eager's own error in ``dtype`` (against fp32 eager)."""
     q, k, v, mask = make_case(case, dtype, "cuda")
@@ -834,17 +851,7 @@ def test_cuda_model_logits_and_cached_decoding_equal_eager(name, dtype):
         got = model(ids, attention_mask=mask).logits
         assert torch.isfinite(got).all()
         assert within_eager_error(got, low, ref, dtype, factor=10.0)
-        for kind in ("dynamic", "static"):  # prefill 6, then 4 single-token steps on each cache
-            steps = {}
-            for label, backend in (("eager", "eager"), (name, name)):
-                optkit.set_backend(model, attention=backend)
-                cache = model.new_cache(ids.shape[0], max_length=16, kind=kind)
-                logits = [model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache).logits]
-                for t in range(6, 10):
-                    logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
-                steps[label] = torch.cat(logits, 1)
-            scale = float(steps["eager"].float().abs().max())
-            assert (steps[name].float() - steps["eager"].float()).abs().max() <= 4 * FLOOR[dtype] * max(scale, 1.0)
+        assert_cached_decoding_equals_eager(model, ids, mask, name, dtype)
 
 
 @pytest.mark.cuda
@@ -998,21 +1005,6 @@ def test_torch_kernels_stand_in_plan_equals_eager(case):
     assert got.shape == q.shape and torch.isfinite(got).all()
     assert (got - eager(q, k, v, mask, scale)).abs().max() <= 1e-5
     assert all(call["scale"] == scale and call["dropout_p"] == 0.0 for call in TORCH_OP_CALLS)
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=mask_case())
-def test_torch_kernels_stand_in_gradients_equal_eager(case):
-    grads = {}
-    for name, kernel in (("eager", EagerAttention()), ("torch", torch_flash_stand_in())):
-        q, k, v, mask = make_case(case)
-        for t in (q, k, v):
-            t.requires_grad_(True)
-        out = kernel(q, k, v, mask, scale=0.3).output
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads[name] = [t.grad for t in (q, k, v)]
-    for ours, ref in zip(grads["torch"], grads["eager"]):
-        assert torch.isfinite(ours).all() and (ours - ref).abs().max() <= 1e-5
 
 
 def test_torch_kernels_stand_in_calls_and_dropout():
@@ -1214,14 +1206,4 @@ def test_cuda_torch_kernels_model_logits_and_cached_decoding(dtype):
         assert isinstance(model.decoder.layers[0].self_attn.kernel.backend, TorchKernels)
         got = model(ids, attention_mask=mask).logits
         assert torch.isfinite(got).all() and within_eager_error(got, low, ref, dtype, factor=10.0)
-        for kind in ("dynamic", "static"):  # prefill 6, then 4 single-token steps on each cache
-            steps = {}
-            for label, backend in (("eager", "eager"), ("flash", flash)):
-                optkit.set_backend(model, attention=backend)
-                cache = model.new_cache(ids.shape[0], max_length=16, kind=kind)
-                logits = [model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache).logits]
-                for t in range(6, 10):
-                    logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
-                steps[label] = torch.cat(logits, 1)
-            scale = float(steps["eager"].float().abs().max())
-            assert (steps["flash"].float() - steps["eager"].float()).abs().max() <= 4 * FLOOR[dtype] * max(scale, 1.0)
+        assert_cached_decoding_equals_eager(model, ids, mask, flash, dtype)
