@@ -133,9 +133,12 @@ def run(args: argparse.Namespace) -> int:
         return _generate(args, None)
     try:
         with group.printing():
-            return _generate(args, group)
-    finally:
+            status = _generate(args, group)
+    except BaseException:
         group.close()
+        raise
+    group.close(wait=True)
+    return status
 
 
 def _generate(args: argparse.Namespace, group: Any) -> int:

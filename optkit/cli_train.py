@@ -113,14 +113,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _leave_group() -> None:
-    """After a sharded run every rank is here: wait for all, then destroy every group (the mesh's sub-groups
-    too) while the interpreter is whole. Left to interpreter exit, a rank was seen to abort in gloo's teardown
-    ("terminate called without an active exception", exit -6) after its work was done."""
-    import torch.distributed as dist
+    """After a sharded run every rank is here: wait for all, then leave (see leave_process_group)."""
+    from optkit.parallel.launch import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group(wait=True)
 
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[object, object]:

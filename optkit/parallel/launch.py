@@ -79,9 +79,21 @@ class Launch:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, wait: bool = False) -> None:
+        """Leave the group this command joined; ``wait`` (every rank succeeded) first waits for all ranks."""
+        if self.owns_group:
+            leave_process_group(wait=wait)
+
+
+def leave_process_group(*, wait: bool) -> None:
+    """Destroy every group (a mesh's sub-groups too) while the interpreter is whole, after a barrier when
+    ``wait`` (every rank got here). Left to interpreter exit, or done while another rank is still finishing,
+    gloo's teardown was seen to abort a rank ("terminate called without an active exception", exit -6)
+    after its work was done. A failed rank does not wait: the others may never reach the barrier."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _rank_device(device: str | None) -> torch.device:
