@@ -107,16 +107,11 @@ def run_train(args: argparse.Namespace) -> int:
     what = "adapter (PEFT format)" if args.lora_r is not None else "model"
     if prints:
         print(f"done: step {result.step}, held-out perplexity {ppl}; {what} in {result.out_dir}")
-    if joins:
-        _leave_group()
+    if joins:  # every rank got here: wait for all, then leave (see leave_process_group)
+        from optkit.parallel.launch import leave_process_group
+
+        leave_process_group(wait=True)
     return 0
-
-
-def _leave_group() -> None:
-    """After a sharded run every rank is here: wait for all, then leave (see leave_process_group)."""
-    from optkit.parallel.launch import leave_process_group
-
-    leave_process_group(wait=True)
 
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[object, object]:

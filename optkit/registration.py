@@ -207,10 +207,7 @@ class Registry:
         pass over it even where it can run; a spec that names it still gets it."""
         if kind not in self._items:
             raise UnknownComponentError(f"unknown component kind {brief_repr(kind)} (kinds: {', '.join(KINDS)})")
-        _check_registration(kind, name, factory, params, capabilities, check, auto_priority)
-        if auto_check is not None and not callable(auto_check):
-            raise ComponentError(f"{kind} {brief_repr(name)}: auto_check must be a function (device, dtype) -> "
-                                 f"list[str], got {brief_repr(auto_check)}")
+        _check_registration(kind, name, factory, params, capabilities, check, auto_priority, auto_check)
         provider = self._provider or Provider("<direct>", "?", "?")
         entry = Registration(kind, name, factory, params, capabilities or Capabilities(), provider, check,
                              description, auto_priority, auto_check)
@@ -397,7 +394,7 @@ def _warn_override(what: str, existing: Provider, provider: Provider) -> None:
 
 
 def _check_registration(kind: str, name: str, factory: Callable[..., Any], params: Any, capabilities: Any,
-                        check: Any, auto_priority: Any) -> None:
+                        check: Any, auto_priority: Any, auto_check: Any = None) -> None:
     """Refuse a malformed registration when it is made, naming the component, instead of at its first build."""
     what = f"{kind} {brief_repr(name)}"
     if not isinstance(name, str) or not name.strip() or name == AUTO:
@@ -408,8 +405,10 @@ def _check_registration(kind: str, name: str, factory: Callable[..., Any], param
         raise ComponentError(f"{what}: params model {params.__name__} must set extra='forbid'")
     if capabilities is not None and not isinstance(capabilities, Capabilities):
         raise ComponentError(f"{what}: capabilities must be a Capabilities(...), got {brief_repr(capabilities)}")
-    if check is not None and not callable(check):
-        raise ComponentError(f"{what}: check must be a function (device, dtype) -> list[str], got {brief_repr(check)}")
+    for label, function in (("check", check), ("auto_check", auto_check)):
+        if function is not None and not callable(function):
+            raise ComponentError(f"{what}: {label} must be a function (device, dtype) -> list[str], got "
+                                 f"{brief_repr(function)}")
     if auto_priority is not None and (kind not in AUTO_KINDS or type(auto_priority) is not int):
         raise ComponentError(f"{what}: auto_priority must be an int, and only for the kinds that accept "
                              f"'{AUTO}' ({', '.join(AUTO_KINDS)}); got {brief_repr(auto_priority)}")

@@ -144,8 +144,3 @@ def mkldnn_weight_layout_is_plain(dtype: torch.dtype) -> bool:
         probe = torch.zeros(97, 131, dtype=dtype)
         _plain_layout[dtype] = mkldnn_nbytes(mkldnn_pack(probe)) == probe.nelement() * probe.element_size()
     return _plain_layout[dtype]
-
-
-def mkldnn_unpack(packed: Tensor) -> Tensor:
-    """A packed weight back as an ordinary dense tensor (the same values, whatever its layout)."""
-    return packed.to_dense()
