@@ -41,8 +41,9 @@ import torch
 
 import optkit
 import optkit.inference
-from optkit.benchmarking import (PALETTE, Result, bytes_per_token, generate, machine, measure, memory_bandwidth_gbs,
-                                 nice_ticks, peak_rss_of_this_process_mib, prompts, svg_text, text_width, tick_label)
+from optkit.benchmarking import (PALETTE, Result, generate, machine, measure, memory_bandwidth_gbs,
+                                 nice_ticks, peak_rss_of_this_process_mib, prompts, svg_text, system_bytes_per_token,
+                                 text_width, tick_label)
 from optkit.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,8 +370,6 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     bandwidth = memory_bandwidth_gbs(args.device)
     systems = load_systems(args.shape, dtype, args.device, args.variants, args.hf_compiled)
-    ours = next(model for name, (model, _) in systems.items() if name.startswith("optkit"))
-    elements = {name: next(model.parameters()).element_size() for name, (model, _) in systems.items()}
     ids, mask = prompts(1, 32, 50272, args.device)
     reference = generate("transformers", systems["transformers"], ids, mask, 16)
     same = {name: torch.equal(generate(name, system, ids, mask, 16), reference)
@@ -398,7 +397,7 @@ def main() -> None:
             memory = {name: peak_rss_mib(name, Path(tmp), args) for name in systems if name != HF_COMPILED}
     # a shared machine's bandwidth drifts during a long run: measure again and take the higher (the stricter roofline)
     bandwidths = (bandwidth, memory_bandwidth_gbs(args.device))
-    report = render(args, results, bandwidths, ours, same, memory, elements, paths)
+    report = render(args, results, bandwidths, systems, same, memory, paths)
     print(report)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
@@ -410,7 +409,7 @@ def main() -> None:
             replot(args.out / "performance" / f"{stem}.md", args.out / f"{stem}.svg")
 
 
-def render(args, results: list[Result], bandwidths: tuple[float, float], ours, same: dict, memory: dict, elements: dict,
+def render(args, results: list[Result], bandwidths: tuple[float, float], systems: dict, same: dict, memory: dict,
            paths: dict) -> str:
     import transformers
 
@@ -432,7 +431,7 @@ def render(args, results: list[Result], bandwidths: tuple[float, float], ours, s
     for (workload, batch), pair in by_key.items():
         for name, r in pair.items():
             context = r.prompt + r.new // 2
-            per_token = bytes_per_token(ours, context, batch, elements[name]) / batch
+            per_token = system_bytes_per_token(systems, name, context, batch) / batch
             effective = per_token * r.decode_median / 1e9
             ratio = r.decode_median / pair["transformers"].decode_median
             lines.append(

@@ -8,6 +8,9 @@
 # opt-1.3b at batch 1 against the CUDA-graph step (about six minutes, most of it compilation).
 # "compile-tune": transformers' static+compile next to the compiled step (opt-125m), then opt-1.3b and
 # opt-6.7b with inductor's wider coordinate-descent search (radius 2, all directions) against the default.
+# "offload": issue "Big models" section 6 (CUDA placement tests; opt-6.7b offloaded, against Accelerate).
+# "proof": issue "GPU proof" (after `bash benchmarks/gpu_wheels.sh unpack`): the CUDA backend tests, decode
+# bandwidth at opt-1.3b and opt-6.7b with each step's kernels profiled, int8 against fp16.
 set -u
 MODE=${1:-full}
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/optkit-gpu}
@@ -77,6 +80,43 @@ if [ "$MODE" = compile-tune ]; then
   exit 0
 fi
 
+if [ "$MODE" = offload ]; then
+  # Issue "Big models" section 6: the CUDA placement tests, then opt-6.7b with half its layers on the CPU and
+  # on disk against transformers + Accelerate with the same map (bench_offload.py writes its table to $OUT).
+  step offload: CUDA placement tests
+  timeout 120 python3 -m pytest tests/test_placement_cli.py -m cuda -q -rs \
+    -p no:cacheprovider 2>&1 | tail -12
+  step offload: opt-6.7b all-GPU, half CPU, half disk, optkit vs transformers + Accelerate
+  timeout 420 python3 benchmarks/bench_offload.py --device cuda --shape opt-6.7b --reps 2 --out "$OUT/offload"
+  step done
+  exit 0
+fi
+
+if [ "$MODE" = proof ]; then
+  # Issue "GPU proof", after `gpu_wheels.sh unpack` in the same call (FA4 and bitsandbytes then sit in
+  # /tmp/optkit-gpu-site; without them their tests skip with the reason). Most important first, ~8 minutes.
+  SITE=/tmp/optkit-gpu-site/site
+  [ -d "$SITE" ] && export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+  step what can run "(optkit plugins)"
+  timeout 60 python3 -c "from optkit.cli import main; main(['plugins'])" 2>&1 | tail -25
+  step "CUDA backend tests: flash (FA4, torch kernels), sdpa, int8; hypothesis against eager, fp16/bf16"
+  timeout 200 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider --timeout 90 \
+    --junitxml "$OUT/gpu-backends.xml" 2>&1 | tail -40
+  B="python3 benchmarks/bench_generate.py --device cuda --dtype float16 --write-docs --out $OUT/docs --batch 1 --long 0 --contexts --reps 3"
+  step decode bandwidth opt-1.3b: CUDA graph and compiled step
+  timeout 100 $B --shape opt-1.3b --variants sdpa/torch/float16 sdpa/torch/float16/compile --label=-proof
+  step one decode step, kernel by kernel, opt-1.3b "(compile cache warm from the run above)"
+  timeout 60 python3 benchmarks/profile_decode.py --shape opt-1.3b --compile --out "$OUT/profile-opt-1.3b-compile.md"
+  timeout 30 python3 benchmarks/profile_decode.py --shape opt-1.3b --out "$OUT/profile-opt-1.3b-graph.md" | head -12
+  step decode bandwidth opt-6.7b
+  timeout 120 $B --shape opt-6.7b --variants sdpa/torch/float16 sdpa/torch/float16/compile --label=-proof
+  timeout 60 python3 benchmarks/profile_decode.py --shape opt-6.7b --compile --out "$OUT/profile-opt-6.7b-compile.md"
+  step int8 against fp16 on the same weights, opt-1.3b "(tokens/s and memory)"
+  timeout 90 $B --shape opt-1.3b --variants sdpa/torch/float16 sdpa/int8/float16 --memory --label=-int8
+  step done
+  exit 0
+fi
+
 step CUDA-graph decode tests
 timeout 90 python3 -m pytest tests/test_decode_graph.py -q -rs -p no:cacheprovider 2>&1 | tail -15
 
@@ -104,5 +144,4 @@ step GEMV efficiency per opt-6.7b shape
 timeout 30 python3 benchmarks/gemv_probe.py --device cuda --dtype float16 --hidden 4096 --reps 30
 step GPU backend tests "(flash on torch's own kernels included: test_cuda_torch_*)"
 timeout 180 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -30
-step offload: CUDA placement tests, opt-6.7b half cpu/disk vs Accelerate; timeout 120 python3 -m pytest tests/test_placement_cli.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -8; timeout 540 python3 benchmarks/bench_offload.py --device cuda --shape opt-6.7b --reps 2 --out $OUT/offload
 step done

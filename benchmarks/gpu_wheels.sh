@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# FlashAttention-4 for the GPU machine, which has no network: fetch the wheels here, install them into one
-# folder, pack it, and cut the pack into as many carries as the 64 MiB per-call transfer needs.
+# FlashAttention-4 and bitsandbytes for the GPU machine, which has no network: fetch the wheels here, install them
+# into one folder, pack it, and cut the pack into as many carries as the 64 MiB per-call transfer needs.
 #
 # Why packed and split: the CUDA 13 CuTe DSL runtime wheel alone (nvidia-cutlass-dsl-libs-cu13, 91,954,433 bytes)
 # is larger than what one device call can carry next to this repository (64 MiB for the working tree and the
 # carried paths together). The installed folder packed with xz -9 is about 69 MB, so it travels in two parts over
 # two back-to-back calls and is put together again on the device (the machine stays warm 30 s after a call).
+#
+# bitsandbytes (int8 on CUDA; the device image lacks it) rides in the same pack: its wheel is 43 MB because it
+# holds a library per CUDA version, and only libbitsandbytes_cuda130.so (3.9 MB; the device's torch is cu130) and
+# the CPU one are kept, which adds about 2 MB to the pack.
 #
 # Usage:
 #   here (CPU, network):  bash benchmarks/gpu_wheels.sh [prepare]   # download, pack, split, print the plan
@@ -17,8 +21,8 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
 DEST=build/gpu-wheels
-DEVICE_DIR=/tmp/optkit-fa4              # outside the repository copy on the device: survives the next call
-ARCHIVE=fa4-site.tar.xz
+DEVICE_DIR=/tmp/optkit-gpu-site         # outside the repository copy on the device: survives the next call
+ARCHIVE=gpu-site.tar.xz
 LIMIT=$((64 * 1024 * 1024))             # working tree + carried paths, per call (device README, Limits)
 MARGIN=$((2 * 1024 * 1024))             # room for files the tree gains before the session
 # The device's python3 is 3.12 (KINDS.md: 3.12.3, torch 2.11.0+cu130, driver 580 = CUDA 13.0).
@@ -30,6 +34,8 @@ PIP_TAGS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x8
 FA4_WHEELS=(flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
             nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5
             apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5)
+INT8_WHEELS=(bitsandbytes==0.50.2)     # needs torch, numpy, packaging: all on the device
+KEEP_BNB_LIBS=(libbitsandbytes_cpu.so libbitsandbytes_cuda130.so)
 SITE_PATH="$DEVICE_DIR/site:$DEVICE_DIR/site/nvidia_cutlass_dsl/dsl_packages"
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
@@ -42,8 +48,9 @@ tree_bytes() {
 
 prepare() {
   mkdir -p "$DEST/wheels"
-  python3 -m pip download -q --no-deps --only-binary=:all: "${PIP_TAGS[@]}" -d "$DEST/wheels" "${FA4_WHEELS[@]}"
-  echo "FA4 wheels (Python 3.12, manylinux x86_64):"
+  python3 -m pip download -q --no-deps --only-binary=:all: "${PIP_TAGS[@]}" -d "$DEST/wheels" "${FA4_WHEELS[@]}" \
+    "${INT8_WHEELS[@]}"
+  echo "FA4 and bitsandbytes wheels (Python 3.12, manylinux x86_64):"
   local total=0 size f
   for f in "$DEST"/wheels/*.whl; do
     size=$(stat -c %s "$f"); total=$((total + size))
@@ -55,11 +62,23 @@ prepare() {
     rm -rf "$DEST/site" "$DEST/$ARCHIVE"
     python3 -m pip install -q --no-deps --no-index --no-compile --only-binary=:all: "${PIP_TAGS[@]}" \
       --target "$DEST/site" "$DEST"/wheels/*.whl
+    trim_bitsandbytes "$DEST/site/bitsandbytes"
     echo "packing $(du -sb "$DEST/site" | cut -f1) bytes installed with xz -9 (a few minutes on 2 cores)"
     tar -C "$DEST/site" -cf - . | xz -9 -T2 > "$DEST/$ARCHIVE.tmp"
     mv "$DEST/$ARCHIVE.tmp" "$DEST/$ARCHIVE"
   fi
   split_into_carries
+}
+
+trim_bitsandbytes() {
+  # bitsandbytes picks its library by torch's CUDA version (BNB_CUDA_VERSION overrides it): keep the cu130 one.
+  local lib keep kept
+  for lib in "$1"/libbitsandbytes_*.so; do
+    kept=0
+    for keep in "${KEEP_BNB_LIBS[@]}"; do [ "$(basename "$lib")" = "$keep" ] && kept=1; done
+    [ "$kept" = 1 ] || rm -f "$lib"
+  done
+  echo "bitsandbytes libraries kept: $(cd "$1" && ls libbitsandbytes_*.so | tr '\n' ' ')"
 }
 
 split_into_carries() {
@@ -92,7 +111,7 @@ split_into_carries() {
     echo "  call $i: run(carry=[\"$DEST/carry$i\"], command=\"bash benchmarks/gpu_wheels.sh stash\")"
   done
   echo "  call $parts: run(carry=[\"$DEST/carry$parts\"], command=\"bash benchmarks/gpu_wheels.sh unpack &&"
-  echo "          export PYTHONPATH=$SITE_PATH\${PYTHONPATH:+:\$PYTHONPATH} && <the FA4 checks>\")"
+  echo "          bash benchmarks/gpu_session.sh proof\")   # it puts $SITE_PATH on PYTHONPATH itself"
   echo "The second PYTHONPATH entry stands in for nvidia_cutlass_dsl_packages.pth, which Python reads only in"
   echo "site-packages, not in a PYTHONPATH folder. Don't carry .whl/.gl with these unless the room above allows."
 }
@@ -121,7 +140,8 @@ unpack() {
   rm -rf site && mkdir site
   python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$ARCHIVE" site
   PYTHONPATH="$SITE_PATH${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
-    "import cutlass, flash_attn.cute; print('FA4 ready:', flash_attn.cute.__file__)"
+    "import cutlass, flash_attn.cute, bitsandbytes; print('FA4 ready:', flash_attn.cute.__file__);
+print('bitsandbytes', bitsandbytes.__version__, 'ready')"
 }
 
 xformers_prepare() {

@@ -146,12 +146,30 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def bytes_per_token(model: Any, context: int, batch: int, element: int) -> float:
-    """Weights read once per decode step (the position table: one row) plus the KV cache read."""
+def bytes_per_token(model: Any, context: int, batch: int, element: int | None = None) -> float:
+    """Bytes one decode step reads: every weight once (the position table: one row) plus the KV cache.
+
+    Weights count at their stored size (an int8 linear's weight one byte each) and the cache at the
+    embeddings' dtype. ``element`` counts every value at that size instead: another system over this
+    model's shapes (transformers at its own dtype).
+    """
     d = model.spec.decoder
-    weights = sum(p.numel() for name, p in model.named_parameters() if "embed_positions" not in name)
+    weights = [p for name, p in model.named_parameters() if "embed_positions" not in name]
     kv = 2 * d.num_layers * context * d.hidden_size * batch
-    return (weights + kv) * element
+    if element is not None:
+        return (sum(p.numel() for p in weights) + kv) * element
+    cache_element = model.decoder.embed_tokens.weight.element_size()
+    return sum(p.numel() * p.element_size() for p in weights) + kv * cache_element
+
+
+def system_bytes_per_token(systems: dict[str, tuple[Any, dict]], name: str, context: int, batch: int) -> float:
+    """:func:`bytes_per_token` of one system: an optkit model reads its own stored weights; transformers
+    reads the same shapes at its dtype (measured on the first optkit model, which has them)."""
+    model = systems[name][0]
+    if not name.startswith(TRANSFORMERS):
+        return bytes_per_token(model, context, batch)
+    ours = next(m for n, (m, _) in systems.items() if not n.startswith(TRANSFORMERS))
+    return bytes_per_token(ours, context, batch, next(model.parameters()).element_size())
 
 
 def machine() -> str:
@@ -258,7 +276,7 @@ def load_systems(source: str, dtype: torch.dtype, device: str, variants: list[st
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def rows(results: list[Result], bandwidth_gbs: float, ours: Any) -> list[dict[str, Any]]:
+def rows(results: list[Result], bandwidth_gbs: float, systems: dict[str, tuple[Any, dict]]) -> list[dict[str, Any]]:
     """One dict per system and workload: the fields of the table and of ``--json``."""
     table = []
     by_workload: dict[tuple[str, int], dict[str, Result]] = {}
@@ -267,8 +285,7 @@ def rows(results: list[Result], bandwidth_gbs: float, ours: Any) -> list[dict[st
     for (workload, batch), group in by_workload.items():
         reference = group.get(TRANSFORMERS)
         for name, r in group.items():
-            element = next(ours.parameters()).element_size()
-            per_token = bytes_per_token(ours, r.prompt + r.new // 2, batch, element) / batch
+            per_token = system_bytes_per_token(systems, name, r.prompt + r.new // 2, batch) / batch
             effective = per_token * r.decode_median / 1e9
             table.append({
                 "workload": workload, "batch": batch, "system": name,
@@ -438,7 +455,7 @@ def run(source: str, *, is_checkpoint: bool, dtype: torch.dtype, device: str, ba
         directory = compile_cache.cache_directory()
         notes.append(f"compile cache: {directory or 'off (OPTKIT_COMPILE_CACHE=0)'}; this run loaded "
                      f"{compile_cache.stats['loaded']} and saved {compile_cache.stats['saved']} entries")
-    return BenchReport(header, rows(results, bandwidth, ours), bandwidth, same, notes)
+    return BenchReport(header, rows(results, bandwidth, systems), bandwidth, same, notes)
 
 
 def _check_length(prompt: int, new: int, positions: int) -> None:

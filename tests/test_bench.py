@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optkit
 from optkit import benchmarking
 from optkit.cli import main
 from optkit.errors import InputError
@@ -279,3 +280,58 @@ def test_independent_generate_script_runs_and_finds_identical_tokens(tmp_path):
     assert [w["batch"] for w in report["workloads"]] == [1, 2] and all(w["same_tokens"] for w in report["workloads"])
     for stats in (*(w["decode_tok_s"] for w in report["workloads"]), report["first_call"]["first_generate_s"]):
         assert set(stats) == {"optkit", "transformers"} and all(s["median"] > 0 for s in stats.values())
+
+
+def profile_decode_script():
+    """benchmarks/profile_decode.py as a module (registered first: its dataclass resolves names through it)."""
+    spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "benchmarks" / "profile_decode.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_profile_decode_isolates_one_decode_step(tmp_path, capsys):
+    """benchmarks/profile_decode.py (issue 18's per-kernel record) at a toy shape on the CPU: the difference of a
+    1-token and a (1+N)-token profile is exactly N decode steps, so each step shows one product per projection
+    (q, k, v, out, fc1, fc2 per layer: q/k/v are stacked on accelerators only) plus the LM head."""
+    script = profile_decode_script()
+    out = tmp_path / "profile.md"
+    assert script.main(["--shape", "opt-tiny", "--device", "cpu", "--steps", "3", "--reps", "1", "--prompt", "8",
+                        "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    layers = optkit.build("opt-tiny").spec.decoder.num_layers
+    products = re.search(r"\| matrix product \(cuBLAS/CUTLASS/aten\) \| (\d+) \|", text)
+    assert products and int(products.group(1)) == 6 * layers + 1, text
+    assert re.search(r"- step time \(median of 1 unprofiled runs\): \*\*\d+\.\d+ ms\*\*", text)
+    assert "| `aten::addmm` | matrix product (cuBLAS/CUTLASS/aten) | " + f"{6 * layers:.1f} |" in text
+
+
+def test_profile_decode_subtracts_the_common_prefill():
+    script = profile_decode_script()
+    short = {"prefill_only": (4, 400.0), "gemv": (2, 20.0), "triton_red_fused_0": (0, 0.0)}
+    long = {"prefill_only": (4, 401.0), "gemv": (10, 100.0), "triton_red_fused_0": (8, 64.0), "triton_poi_x": (4, 8.0)}
+    kernels = script.step_kernels(short, long, 4)
+    assert [(k.name, k.calls, k.micros) for k in kernels] == [
+        ("gemv", 2.0, 20.0), ("triton_red_fused_0", 2.0, 16.0), ("triton_poi_x", 1.0, 2.0),
+        ("prefill_only", 0.0, 0.25)]
+    assert [k.category for k in kernels] == ["matrix product (cuBLAS/CUTLASS/aten)",
+                                             "one-row product (inductor reduction)", "pointwise (inductor)", "other"]
+
+
+def test_bytes_per_token_counts_weights_at_their_stored_size():
+    """An int8 linear's weight is read as one byte per value: the bandwidth columns of an int8 variant use it."""
+    reasons = optkit.registry.reasons_unavailable("linear", "int8", "cpu", torch.float32)
+    if reasons:
+        pytest.skip(f"int8 on CPU: {'; '.join(reasons)}")
+    dense, int8 = optkit.build("opt-tiny"), optkit.build("opt-tiny", linear="int8").eval()
+    with torch.no_grad():
+        int8(torch.tensor([[3, 4, 5]]))  # an int8 linear quantizes its weight on the first forward
+    d = dense.spec.decoder
+    kv = 2 * d.num_layers * 10 * d.hidden_size * 4  # context 10, batch 1, fp32 cache
+    linear = sum(m.weight.numel() for m in dense.modules() if isinstance(m, torch.nn.Linear) and m is not dense.head)
+    positions = dense.decoder.embed_positions.weight.numel()
+    assert benchmarking.bytes_per_token(dense, 10, 1) == 4 * (sum(p.numel() for p in dense.parameters()) - positions) + kv
+    assert benchmarking.bytes_per_token(dense, 10, 1) - benchmarking.bytes_per_token(int8, 10, 1) == 3 * linear
+    assert benchmarking.bytes_per_token(int8, 10, 1, element=2) == benchmarking.bytes_per_token(dense, 10, 1) / 2

@@ -916,6 +916,63 @@ def test_cuda_int8_greedy_tokens_vs_fp16(record_property, tmp_path):
     assert forced >= 0.9
 
 
+def int8_input_gradient_error(device: str, dtype: torch.dtype) -> float:
+    """Relative error of the gradient that flows through an int8 layer to its input (what LoRA over an int8 base
+    trains on), against the fp32 layer's, with an outlier column that takes the fp16 path."""
+    dense, layer = int8_layer(6.0, device=device)
+    x = torch.randn(4, 7, 256, device=device)
+    x[..., 5] *= 40.0
+    grad_out = torch.randn(4, 7, 128, device=device)
+    ours, ref = x.to(dtype).clone().requires_grad_(True), x.clone().requires_grad_(True)
+    layer(ours).backward(grad_out.to(dtype))
+    dense(ref).backward(grad_out)
+    assert ours.grad is not None and torch.isfinite(ours.grad).all()
+    return relative_error(ours.grad, ref.grad)
+
+
+@needs_int8_cpu
+def test_int8_input_gradient_close_to_fp32_on_cpu():
+    assert int8_input_gradient_error("cpu", torch.float32) < 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_int8_input_gradient_close_to_fp32():
+    needs_int8_cuda()
+    assert int8_input_gradient_error("cuda", torch.float16) < 2e-2
+
+
+# == sdpa on CUDA: torch's dispatch (flash, memory-efficient or math kernel) against eager ==================
+def sdpa_kernel():
+    reasons = optkit.registry.get("attention", "sdpa").unavailable_reasons("cuda", torch.float16)
+    if reasons:
+        pytest.skip(f"sdpa cannot run on CUDA here: {'; '.join(reasons)}")
+    return optkit.registry.get("attention", "sdpa").factory(None, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mask_case(head_dims=(64, 80, 128)))
+def test_cuda_sdpa_equals_eager_forward_and_backward(dtype, case):
+    """Padding, cache offsets and head sizes drawn by hypothesis; sdpa's kernel choice is torch's, per case."""
+    assert_cuda_kernel_equals_eager(sdpa_kernel(), case, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_sdpa_model_logits_and_cached_decoding(dtype):
+    sdpa_kernel()
+    model, reference = cuda_model(dtype), cuda_model(torch.float32)
+    ids, mask = prompts(device="cuda")
+    with torch.no_grad():
+        ref = reference(ids, attention_mask=mask).logits
+        low = model(ids, attention_mask=mask).logits
+        optkit.set_backend(model, attention="sdpa")
+        got = model(ids, attention_mask=mask).logits
+        assert torch.isfinite(got).all() and within_eager_error(got, low, ref, dtype, factor=10.0)
+        assert_cached_decoding_equals_eager(model, ids, mask, "sdpa", dtype)
+
+
 # == flash on torch's own FlashAttention-2 kernels (implementation "torch") =================================
 def fake_flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                                  return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None,
