@@ -10,7 +10,8 @@
 # opt-6.7b with inductor's wider coordinate-descent search (radius 2, all directions) against the default.
 # "offload": issue "Big models" section 6 (CUDA placement tests; opt-6.7b offloaded, against Accelerate).
 # "proof": issue "GPU proof" (after `bash benchmarks/gpu_wheels.sh unpack`): the CUDA backend tests, decode
-# bandwidth at opt-1.3b and opt-6.7b with each step's kernels profiled, int8 against fp16.
+# bandwidth at opt-1.3b and opt-6.7b with each step's kernels profiled, int8 against fp16, then the kernel
+# choices for one-row products (benchmarks/gemv_probe.py) at opt-1.3b's widths.
 set -u
 MODE=${1:-full}
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/optkit-gpu}
@@ -113,6 +114,9 @@ if [ "$MODE" = proof ]; then
   timeout 60 python3 benchmarks/profile_decode.py --shape opt-6.7b --compile --out "$OUT/profile-opt-6.7b-compile.md"
   step int8 against fp16 on the same weights, opt-1.3b "(tokens/s and memory)"
   timeout 90 $B --shape opt-1.3b --variants sdpa/torch/float16 sdpa/int8/float16 --memory --label=-int8
+  step "one-row product kernel choices at opt-1.3b's widths: cuBLAS, inductor reduction, split-K 2/4/8"
+  timeout 100 python3 benchmarks/gemv_probe.py --device cuda --dtype float16 --hidden 2048 --batch 1 --reps 30 \
+    --shapes q/k/v/out fc2 fused\ qkv fc1
   step done
   exit 0
 fi
@@ -141,7 +145,7 @@ timeout 60 $B --shape opt-1.3b --variants sdpa/torch/float16 --batch 1 8 --reps 
 step transformers static+compile, opt-125m
 timeout 120 $B --shape opt-125m --variants sdpa/torch/float16 --hf-compiled --batch 1 --long 0 --label=-compiled
 step GEMV efficiency per opt-6.7b shape
-timeout 30 python3 benchmarks/gemv_probe.py --device cuda --dtype float16 --hidden 4096 --reps 30
+timeout 30 python3 benchmarks/gemv_probe.py --device cuda --dtype float16 --hidden 4096 --reps 30 --blas-only
 step GPU backend tests "(flash on torch's own kernels included: test_cuda_torch_*)"
 timeout 180 python3 -m pytest tests/test_gpu_backends.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tail -30
 step done

@@ -335,3 +335,17 @@ def test_bytes_per_token_counts_weights_at_their_stored_size():
     assert benchmarking.bytes_per_token(dense, 10, 1) == 4 * (sum(p.numel() for p in dense.parameters()) - positions) + kv
     assert benchmarking.bytes_per_token(dense, 10, 1) - benchmarking.bytes_per_token(int8, 10, 1) == 3 * linear
     assert benchmarking.bytes_per_token(int8, 10, 1, element=2) == benchmarking.bytes_per_token(dense, 10, 1) / 2
+
+
+def test_gemv_probe_forms_compute_the_product():
+    """benchmarks/gemv_probe.py's kernel choices (BLAS, optkit's inductor reduction, split-K) on a CPU at a toy
+    shape: every form is timed and equals an fp32 product of the same operands."""
+    spec = importlib.util.spec_from_file_location("gemv_probe", ROOT / "benchmarks" / "gemv_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = probe.main(["--device", "cpu", "--dtype", "float32", "--hidden", "64", "--reps", "1", "--batch", "1",
+                       "--shapes", "fc2", "--copies", "2"])
+    assert [r["form"] for r in rows] == ["linear+bias", "linear", "relu epilogue", "inductor", "inductor split-K 2",
+                                         "inductor split-K 4", "inductor split-K 8"]
+    assert all(r["us"] > 0 and r["error"] < 1e-4 for r in rows), rows
+    assert {(r["n"], r["k"]) for r in rows} == {(64, 256)}
