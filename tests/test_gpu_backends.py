@@ -734,9 +734,11 @@ CUDA_DTYPES = [torch.float16, torch.bfloat16]
 
 
 def real_kernel(name: str):
+    """The registered kernel of ``name`` on CUDA (sdpa: torch's dispatch to its flash, memory-efficient or math
+    kernel, per case), or a skip that names what is missing."""
     if name == "flash":
         pytest.importorskip("flash_attn", reason="flash-attn is not installed")
-    else:
+    elif name == "xformers":
         pytest.importorskip("xformers.ops", reason="xformers is not installed")
     reasons = optkit.registry.get("attention", name).unavailable_reasons("cuda", torch.float16)
     if reasons:
@@ -787,7 +789,7 @@ def assert_cuda_kernel_equals_eager(kernel, case, dtype) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("name", ["flash", "xformers"])
+@pytest.mark.parametrize("name", ["flash", "xformers", "sdpa"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mask_case(head_dims=(64, 80, 128)))
 def test_cuda_kernel_equals_eager_forward_and_backward(name, dtype, case):
@@ -838,20 +840,26 @@ def cuda_model(dtype: torch.dtype, **components: Any):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("name", ["flash", "xformers"])
+@pytest.mark.parametrize("name", ["flash", "xformers", "sdpa"])
 def test_cuda_model_logits_and_cached_decoding_equal_eager(name, dtype):
     real_kernel(name)
-    model = cuda_model(dtype)
-    reference = cuda_model(torch.float32)
+    assert_model_matches_eager(name, dtype)
+
+
+def assert_model_matches_eager(attention: Any, dtype: torch.dtype):
+    """A model's logits with ``attention`` within 10x the dtype floor of eager's error, then cached decoding on
+    dynamic and static caches; returns the model, left on ``attention``."""
+    model, reference = cuda_model(dtype), cuda_model(torch.float32)
     ids, mask = prompts(device="cuda")
     with torch.no_grad():
         ref = reference(ids, attention_mask=mask).logits
         low = model(ids, attention_mask=mask).logits
-        optkit.set_backend(model, attention=name)
+        optkit.set_backend(model, attention=attention)
         got = model(ids, attention_mask=mask).logits
         assert torch.isfinite(got).all()
         assert within_eager_error(got, low, ref, dtype, factor=10.0)
-        assert_cached_decoding_equals_eager(model, ids, mask, name, dtype)
+        assert_cached_decoding_equals_eager(model, ids, mask, attention, dtype)
+    return model
 
 
 @pytest.mark.cuda
@@ -939,38 +947,6 @@ def test_int8_input_gradient_close_to_fp32_on_cpu():
 def test_cuda_int8_input_gradient_close_to_fp32():
     needs_int8_cuda()
     assert int8_input_gradient_error("cuda", torch.float16) < 2e-2
-
-
-# == sdpa on CUDA: torch's dispatch (flash, memory-efficient or math kernel) against eager ==================
-def sdpa_kernel():
-    reasons = optkit.registry.get("attention", "sdpa").unavailable_reasons("cuda", torch.float16)
-    if reasons:
-        pytest.skip(f"sdpa cannot run on CUDA here: {'; '.join(reasons)}")
-    return optkit.registry.get("attention", "sdpa").factory(None, None)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=mask_case(head_dims=(64, 80, 128)))
-def test_cuda_sdpa_equals_eager_forward_and_backward(dtype, case):
-    """Padding, cache offsets and head sizes drawn by hypothesis; sdpa's kernel choice is torch's, per case."""
-    assert_cuda_kernel_equals_eager(sdpa_kernel(), case, dtype)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
-def test_cuda_sdpa_model_logits_and_cached_decoding(dtype):
-    sdpa_kernel()
-    model, reference = cuda_model(dtype), cuda_model(torch.float32)
-    ids, mask = prompts(device="cuda")
-    with torch.no_grad():
-        ref = reference(ids, attention_mask=mask).logits
-        low = model(ids, attention_mask=mask).logits
-        optkit.set_backend(model, attention="sdpa")
-        got = model(ids, attention_mask=mask).logits
-        assert torch.isfinite(got).all() and within_eager_error(got, low, ref, dtype, factor=10.0)
-        assert_cached_decoding_equals_eager(model, ids, mask, "sdpa", dtype)
 
 
 # == flash on torch's own FlashAttention-2 kernels (implementation "torch") =================================
@@ -1253,14 +1229,5 @@ def test_cuda_torch_kernels_zero_rows_and_dropout(dtype):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_torch_kernels_model_logits_and_cached_decoding(dtype):
     torch_flash_kernel()
-    flash = {"name": "flash", "params": {"implementation": "torch"}}
-    model, reference = cuda_model(dtype), cuda_model(torch.float32)
-    ids, mask = prompts(device="cuda")
-    with torch.no_grad():
-        ref = reference(ids, attention_mask=mask).logits
-        low = model(ids, attention_mask=mask).logits
-        optkit.set_backend(model, attention=flash)
-        assert isinstance(model.decoder.layers[0].self_attn.kernel.backend, TorchKernels)
-        got = model(ids, attention_mask=mask).logits
-        assert torch.isfinite(got).all() and within_eager_error(got, low, ref, dtype, factor=10.0)
-        assert_cached_decoding_equals_eager(model, ids, mask, flash, dtype)
+    model = assert_model_matches_eager({"name": "flash", "params": {"implementation": "torch"}}, dtype)
+    assert isinstance(model.decoder.layers[0].self_attn.kernel.backend, TorchKernels)
