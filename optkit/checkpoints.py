@@ -21,8 +21,8 @@ from torch import Tensor
 
 from optkit.bundled import bundled_directory
 from optkit.checkpoint_files import (CONFIG_NAME, PICKLE, PICKLE_INDEX, SAFETENSORS,  # noqa: F401 - re-exported
-                                     OPTKIT_SPEC_NAME, SAFETENSORS_INDEX, Weights, capped, find_weights, quoted,
-                                     read_weights, write_checkpoint, Writer)
+                                     OPTKIT_SPEC_NAME, SAFETENSORS_INDEX, Weights, capped, find_weights, inside,
+                                     quoted, read_weights, write_checkpoint, Writer)
 from optkit.errors import CheckpointError, CheckpointNotFoundError, InputError, SpecValidationError
 from optkit.formats import CheckpointFormat, format_for_config, format_for_spec
 from optkit.spec import ModelSpec
@@ -74,6 +74,9 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, *, revision: str | Non
                            local_files_only: bool | None = None) -> Path:
     """A local directory, ``"optkit-default"`` (the bundled model), or a Hub id resolved through
     huggingface_hub's cache (offline when cached)."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise InputError(f"the checkpoint must be a directory path or a Hub id (a str or os.PathLike), got "
+                         f"{quoted(path_or_id)} ({type(path_or_id).__name__})")
     bundled = bundled_directory(path_or_id)
     if bundled is not None:
         return bundled
@@ -186,6 +189,9 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     from optkit.native_checkpoint import native_files, resolve_format, tokenizer_files
 
     directory = Path(directory)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise InputError(f"max_shard_bytes={quoted(max_shard_bytes)}: must be a positive number of bytes (an int, "
+                         "e.g. 5 * 2**30)")
     native = resolve_format(model, format) == "optkit"  # optkit's format keeps optkit's own tensor names
     if not native:
         fmt = format_for_spec(model.spec, registry=model.registry)
@@ -216,8 +222,11 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, max_shard_bytes
     if native:
         files = native_files(model, files)  # + optkit-spec.yaml and the manifest (config.json)
     for name, write in (extra_files or {}).items():
+        if not isinstance(name, str) or not inside(name):
+            raise InputError(f"extra_files: {quoted(name)} is not a relative path inside {capped(str(directory))}; "
+                             "name each extra file relative to the checkpoint directory (no '..', no absolute path)")
         if name in files or name == CONFIG_NAME:
-            raise ValueError(f"extra_files: {name} is a file of the checkpoint itself")
+            raise InputError(f"extra_files: {quoted(name)} is a file of the checkpoint itself; give it another name")
         files[name] = write
     if not native:
         files[CONFIG_NAME] = lambda path: path.write_text(json.dumps(config, indent=2) + "\n")

@@ -22,7 +22,7 @@ from optkit.checkpoint_files import (OPTKIT_SPEC_NAME, StoredTensor, capped, fin
                                      interrupted_hint, locked, read_json, read_tensors)
 from optkit.checkpoints import (CONFIG_NAME, _file_namer, _to_canonical, config_dtype, resolve_checkpoint_dir,
                                 spec_from_hf_config)
-from optkit.errors import CheckpointError, InputError
+from optkit.errors import CheckpointError, InputError, brief_repr
 from optkit.formats import format_for_spec
 from optkit.generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from optkit.inference.transform import prepare
@@ -66,7 +66,8 @@ def _checked_state(model: Model, raw: Mapping[str, Source], *, device: torch.dev
     not_float = [f"{name(k)} ({str(state[k].dtype).removeprefix('torch.')}, model needs floating point)"
                  for k in expected if k in state and expected[k].is_floating_point()
                  and not state[k].is_floating_point()]
-    if tied:  # the token embedding is the LM head: a head tensor in the file only has to fit
+    if tied:  # the token embedding is the LM head: a head tensor in the file must fit and equal it
+        _check_tied_head(model, state, misshaped + not_float, name, source)
         state.pop("head.weight", None)
         expected.pop("head.weight", None)
     missing = [k for k in expected if k not in state]
@@ -111,9 +112,39 @@ def _place(group: dict[str, Source], device: torch.device, dtype: torch.dtype) -
     return placed
 
 
+def _check_tied_head(model: Model, state: dict[str, Source], problems: list[str], name: Any, source: str) -> None:
+    """A tied model whose file also holds a head tensor: the file is only unambiguous when both are equal.
+
+    Which of two different tensors a tied model would end up with is an accident of load order, so a
+    head that differs from the token embedding is refused, naming the two ways to resolve it."""
+    weight = getattr(model.head, "weight", None)
+    embedding_key = next((key for key, param in model.named_parameters(remove_duplicate=False)
+                          if weight is not None and param is weight and not key.startswith("head.")), None)
+    if embedding_key is None or "head.weight" not in state or embedding_key not in state or problems:
+        return
+    stored = {key: state[key] for key in ("head.weight", embedding_key)}
+    values = read_tensors({k: t for k, t in stored.items() if isinstance(t, StoredTensor)})
+    head, embedding = (values.get(key, stored[key]) for key in ("head.weight", embedding_key))
+    if not isinstance(head, Tensor) or not isinstance(embedding, Tensor) or head.shape != embedding.shape:
+        return
+    if not torch.equal(head.to(embedding.dtype), embedding):
+        raise CheckpointError(f"checkpoint {source}: its {CONFIG_NAME} ties the LM head to the token embedding "
+                              f"(tie_word_embeddings true), but the file's {name('head.weight')} differs from "
+                              f"{name(embedding_key)}, so which one the model uses would be a guess. Set "
+                              f"\"tie_word_embeddings\": false in {CONFIG_NAME} to use the stored head, or delete "
+                              f"{name('head.weight')} from the file to use the embedding")
+
+
 def _fresh_head_state(model: Model, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A new head's tensors on ``device``; those it shaped after the still empty ("meta") token embedding, e.g.
+    an untied LM head, are given values as optkit's heads initialise theirs (normal, std ``init_std``)."""
     head = build_head(model, device, dtype)
-    return {f"head.{k}": v.to(dtype) for k, v in head.state_dict().items()}
+    state = {}
+    for key, value in head.state_dict().items():
+        if value.is_meta:
+            value = torch.empty(value.shape, device=device, dtype=dtype).normal_(0.0, model.spec.decoder.init_std)
+        state[f"head.{key}"] = value.to(dtype)
+    return state
 
 
 def _load_dispatched(model: Model, raw: Mapping[str, Source], *, source: str, dtype: torch.dtype, device_map: Any,
@@ -170,6 +201,10 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str | None = None, a
     present, becomes ``model.generation_config``: the defaults of ``generate``, pipelines and ``optkit run``.
     """
     dtype, attention = transformers_aliases(dtype, torch_dtype, attention, attn_implementation, low_cpu_mem_usage)
+    device = _checked_device(device)
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise InputError(f"num_labels={brief_repr(num_labels)}: must be a positive int (the classification head's "
+                         "number of labels), or None to read it from config.json")
     if tp_size is not None and (device_map is not None or adapters is not None or adapter is not None):
         raise InputError("tp_size cannot be combined with device_map or adapters yet; pass one of them")
     if device_map is None and (max_memory is not None or offload_folder is not None):
@@ -214,6 +249,17 @@ def from_pretrained(path_or_id: str | os.PathLike, *, head: str | None = None, a
         prepare(model.eval(), stack_projections=False)
         return _load_dispatched(model, raw, source=str(path_or_id), dtype=model.dtype, device_map=device_map,
                                 max_memory=max_memory, offload_folder=offload_folder, native=native)
+
+
+def _checked_device(device: Any) -> torch.device | None:
+    """``device`` as a torch.device (None stays None); anything torch cannot parse is an InputError naming it."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device={brief_repr(device)} is not a torch device; use 'cpu', 'cuda', 'cuda:1' (or a "
+                         "torch.device)") from None
 
 
 ATTN_IMPLEMENTATIONS = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash"}

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from optkit.checkpoint_files import CONFIG_NAME, OPTKIT_SPEC_NAME, Writer, capped, inside, quoted
 from optkit.errors import CheckpointError, InputError, SpecValidationError, brief_repr, shorten
+from optkit.interfaces import LinearAdapter
 from optkit.spec import DECODER_COMPONENTS, ModelSpec, parse_yaml, validate_spec
 
 log = logging.getLogger("optkit")
@@ -48,11 +49,37 @@ def transformers_problems(model: Any) -> Exception | None:
     """Why transformers' format cannot describe ``model`` (the error its config writer raises), or None."""
     from optkit.formats import format_for_spec
 
+    if held_adapters(model):  # LoRA wrappers rename the base weights (q_proj.base.weight): no transformers key
+        return InputError(f"the model holds LoRA adapter(s) {', '.join(held_adapters(model))}, which transformers' "
+                          "format cannot hold; merge them in first (optkit.adapters.merge_and_unload(model)), or "
+                          "save only the adapters in PEFT's files (model.save_adapter(dir))")
     try:
         format_for_spec(model.spec, registry=model.registry).config_from_spec(model.spec, model.dtype)
     except (SpecValidationError, CheckpointError) as exc:
         return exc
     return None
+
+
+def held_adapters(model: Any) -> list[str]:
+    """Every adapter the model's linear wrappers hold (:class:`~optkit.interfaces.LinearAdapter`), in order."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        if isinstance(module, LinearAdapter):
+            names.update(dict.fromkeys(module.adapter_names))
+    return list(names)
+
+
+def adapters_problem(model: Any) -> InputError | None:
+    """Adapters a checkpoint of ``model`` could not be loaded back with (the spec's ``adapters:`` block
+    rebuilds only its own; added ones would make the saved checkpoint unloadable), or None."""
+    names = held_adapters(model)
+    described = getattr(model.spec, "adapters", None)
+    if not names or (described is not None and names == [described.name]):
+        return None
+    return InputError(f"save_pretrained cannot save this model: it holds LoRA adapter(s) {', '.join(names)} that "
+                      "its spec does not describe, so the checkpoint would not load back; merge them in first "
+                      "(optkit.adapters.merge_and_unload(model)), or save only the adapters in PEFT's files "
+                      "(model.save_adapter(dir) / optkit.adapters.save_adapters)")
 
 
 def resolve_format(model: Any, format: str = "auto") -> Format:
@@ -61,6 +88,9 @@ def resolve_format(model: Any, format: str = "auto") -> Format:
     if format not in FORMATS:
         raise InputError(f"format={brief_repr(format, 40)}: save_pretrained's format is 'auto' (transformers' "
                          "when the model has a transformers equivalent, else optkit's own), 'transformers' or 'optkit'")
+    problem = adapters_problem(model)
+    if problem is not None:
+        raise problem
     if format == "optkit":
         return "optkit"
     problem = transformers_problems(model)
@@ -146,6 +176,10 @@ def tokenizer_files(tokenizer: Any) -> dict[str, Writer]:
     try:
         tokenizer.save_pretrained(str(scratch))
         contents = {p.name: p.read_bytes() for p in scratch.iterdir() if p.is_file()}
+    except Exception as exc:  # noqa: BLE001 - whatever the tokenizer's own code raises; nothing is written yet
+        raise InputError(f"tokenizer: {type(tokenizer).__name__}.save_pretrained failed "
+                         f"({type(exc).__name__}: {shorten(str(exc))}); nothing was saved: fix the tokenizer, or "
+                         "pass the directory of its files (tokenizer='path/to/tokenizer')") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {name: (lambda path, data=data: path.write_bytes(data)) for name, data in contents.items()}

@@ -548,7 +548,11 @@ def test_a_misshaped_lm_head_in_a_tied_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"mis-shaped \(1\): lm_head.weight \(checkpoint \[512, 32\], "
                                               r"model \[512, 64\]\)"):
         optkit.from_pretrained(directory)
-    state["lm_head.weight"] = torch.zeros(512, 64)  # the right shape is accepted (and the embedding wins)
+    state["lm_head.weight"] = torch.zeros(512, 64)  # the right shape but other values: ambiguous, refused
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.decoder.embed_tokens.weight"):
+        optkit.from_pretrained(directory)
+    state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"].clone()  # a copy of the embedding loads
     save_file(state, str(directory / "model.safetensors"))
     assert optkit.from_pretrained(directory).head.weight.abs().sum() > 0
 

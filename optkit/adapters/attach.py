@@ -152,6 +152,9 @@ def attach(model: Model, paths: Sequence[str], settings: LoRASettings, *, name: 
     if merged_adapter(model) is not None:
         raise InputError(f"adapter '{merged_adapter(model)}' is merged into the weights; call "
                          "unmerge_adapters(model) before adding another")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"adapter dtype must be a floating torch dtype (e.g. torch.float32, torch.bfloat16), "
+                         f"got {brief_repr(dtype)}")
     active = active_adapter(model) if lora_modules(model) else name
     dtype = dtype or model.dtype
     wrappers = {}
@@ -208,6 +211,8 @@ def merge_adapters(model: Model) -> None:
         raise InputError("no adapter is active, so there is nothing to merge; call set_adapter(model, name) first")
     for path, module in modules.items():
         reason = merge_refusal(module.base) if name in module.settings else None
+        if reason is None and name in module.settings and _weights_away(module):
+            reason = WEIGHTS_AWAY
         if reason is not None:
             raise InputError(f"cannot merge adapter '{name}' into {path}: {reason}")
     for module in modules.values():
@@ -216,8 +221,21 @@ def merge_adapters(model: Model) -> None:
     _drop_kept_steps(model)
 
 
+WEIGHTS_AWAY = ("its weights are not in memory (a unit the device map streams from cpu or disk, or a model on "
+                "meta), so the change would be lost; merge or unmerge before dispatching (load without device_map; "
+                "to stream a merged model: merge_and_unload, save_pretrained, load that with the device_map)")
+
+
+def _weights_away(module: LoRALinear) -> bool:
+    """Whether the base's weights are placeholders (streamed by a device map): merging into them changes nothing."""
+    return any(tensor.is_meta for tensor in module.base.parameters())
+
+
 def unmerge_adapters(model: Model) -> None:
     """Take a merged adapter out of the base weights again (within one rounding per element)."""
+    for path, module in lora_modules(model).items():
+        if module.merged is not None and _weights_away(module):
+            raise InputError(f"cannot unmerge adapter '{module.merged}' from {path}: {WEIGHTS_AWAY}")
     for module in lora_modules(model).values():
         module.unmerge()
     _drop_kept_steps(model)

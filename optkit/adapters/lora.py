@@ -107,6 +107,10 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.settings)
+
     def add(self, name: str, settings: LoRASettings, *, dtype: torch.dtype | None = None,
             device: torch.device | str | None = None) -> None:
         """A new adapter ``name``: A ``(r, in)`` Kaiming-uniform, B ``(out, r)`` zero (so it starts as a no-op)."""

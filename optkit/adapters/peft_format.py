@@ -84,7 +84,11 @@ def save_adapters(model: Model, directory: str | os.PathLike[str], *, names: lis
     for name in names or held:
         folder = directory if name == "default" else directory / name
         config, tensors = adapter_files(model, name, base_model_name_or_path=base_model_name_or_path)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the path, or a folder above it, is a file
+            raise CheckpointError(f"cannot save adapter '{name}' into {folder}: {exc.strerror or exc}; pass a "
+                                  "directory (it is created if missing)") from None
         _replace(folder / WEIGHTS_FILE, lambda path: _save_safetensors(tensors, path))
         _replace(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
@@ -129,9 +133,9 @@ def _replace(target: Path, write: Any) -> None:
     try:
         write(partial)
         os.replace(partial, target)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError ("File too large (os error 27)"), ...
         partial.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"cannot write {target}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -184,6 +188,12 @@ def settings_from_config(config: dict[str, Any], *, source: str) -> LoRASettings
     if "target_modules" in config and not (isinstance(targets, str) and targets or isinstance(targets, list)
                                            and targets and all(isinstance(t, str) for t in targets)):
         problems.append(f"target_modules must be a non-empty list of names or a regex, got {quoted(targets)}")
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:  # PEFT matches a string as a regex over module paths
+            problems.append(f"target_modules {quoted(targets)} is not a valid regex ({exc}); write a regex or a "
+                            "list of projection names")
     alpha = config.get("lora_alpha", DEFAULT_ALPHA)
     if not missing:
         problems += check_settings(config["r"], alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False))

@@ -42,6 +42,11 @@ class LinearAdapter(Protocol):
 
     base: nn.Module
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters this wrapper holds, in the order they were added (what a checkpoint must describe)."""
+        ...
+
     def merge(self) -> None:
         """Fold the delta into ``base`` (needs a :class:`MergeableLinear` base)."""
         ...

@@ -40,6 +40,8 @@ def parse_size(value: int | float | str, *, what: str = "max_memory") -> int:
     if isinstance(value, bool):
         raise InputError(f"{what}: {value!r} is not a size; write e.g. '70GiB' (GiB = 2**30 bytes) or '80GB'")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{what}: {value!r} is not a size; sizes are a finite number of bytes, e.g. '70GiB'")
         if value < 0:
             raise InputError(f"{what}: {value!r} is negative; sizes are bytes >= 0")
         return int(value)
@@ -48,7 +50,10 @@ def parse_size(value: int | float | str, *, what: str = "max_memory") -> int:
     if match is None or unit not in _UNITS:
         raise InputError(f"{what}: {_quote(value)} is not a size; write a number with one of the units "
                          "GiB, MiB, KiB, TiB (powers of 2) or GB, MB, KB, TB (powers of 10), e.g. '70GiB'")
-    return int(float(match.group(1)) * _UNITS[unit])
+    number = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(number):
+        raise InputError(f"{what}: {_quote(value)} is not a size that fits in memory; write e.g. '70GiB'")
+    return int(number)
 
 
 def format_size(num_bytes: int, *, round_up: bool = False) -> str:

@@ -22,6 +22,8 @@ inputs go to (the input units' compute device).
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -43,7 +45,13 @@ from optkit.placement.device_map import resolve_device_map
 from optkit.placement.planner import Plan, plan
 from optkit.placement.units import Group, Unit, placement_groups, placement_units, streamable_problem, unit_tensors
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, offload files are not locked
+    fcntl = None  # type: ignore[assignment]
+
 OFFLOAD_SUFFIX = ".safetensors"
+OFFLOAD_METADATA = "optkit_unit"  # the unit an offload file holds, in its safetensors metadata
 _PREFETCHERS: "weakref.WeakKeyDictionary[Model, Prefetcher]" = weakref.WeakKeyDictionary()
 
 
@@ -81,6 +89,7 @@ class _Slot:
     host: Tensor | None = None  # a "cpu" unit streamed to an accelerator
     file: Path | None = None  # a "disk" unit
     key: str = ""
+    lock: Any = None  # an open handle holding the flock on ``file`` while the model lives
 
     def set(self, value: Tensor) -> None:
         for owner, name in self.owners:
@@ -260,7 +269,56 @@ def _check_offload_folder(folder: str | Path | None, disk_units: list[str]) -> P
     except OSError as error:
         raise InputError(f"offload_folder '{str(path)[:200]}' is not writable ({error.strerror or error}); "
                          "pass a directory you can write to") from None
+    for unit in disk_units:
+        _check_offload_file(path / f"{unit}{OFFLOAD_SUFFIX}", unit)
     return path
+
+
+def _check_offload_file(path: Path, unit: str) -> None:
+    """A unit's offload file may be replaced only when optkit wrote it for this unit and no live model streams
+    from it: overwriting a loaded model's file would make it compute with other weights, silently."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_file() or _offload_unit_of(path) != unit:
+        raise InputError(f"offload_folder '{str(path.parent)[:200]}' already holds {path.name}, which optkit did "
+                         f"not write for unit {unit}; pass another offload_folder, or move that file away")
+    handle = _hold(path)
+    if handle is None:
+        gc.collect()  # a model nobody references any more may still hold it until collected
+        handle = _hold(path)
+    if handle is None:
+        raise InputError(f"offload_folder '{str(path.parent)[:200]}': {path.name} belongs to a model that is still "
+                         "loaded and streams its weights from it; pass another offload_folder (one per loaded model), or "
+                         "drop that model first (del model)")
+    handle.close()
+
+
+def _offload_unit_of(path: Path) -> str | None:
+    """The unit an optkit offload file says it holds (its header's metadata; the data may be cut short)."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size)) if 0 < size <= 100_000_000 else {}
+        unit = (header.get("__metadata__") or {}).get(OFFLOAD_METADATA)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return unit if isinstance(unit, str) else None
+
+
+def _hold(path: Path) -> Any:
+    """An open handle with an exclusive flock on ``path`` (released when the handle is closed or collected);
+    None when another handle holds one. Unlocked where flock is unavailable (best effort)."""
+    handle = open(path, "rb")
+    if fcntl is None:
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError:  # a filesystem without flock
+        pass
+    return handle
 
 
 def _host_copy(tensor: Tensor, pin: bool) -> Tensor:
@@ -287,7 +345,7 @@ def _write_unit(unit: Unit, folder: Path, skip: set[int]) -> dict[int, tuple[Pat
         tensors[key] = data
         located[id(tensor)] = (path, key)
     if tensors:
-        save_file(tensors, str(path), metadata={"format": "pt", "optkit_unit": unit.name})
+        save_file(tensors, str(path), metadata={"format": "pt", OFFLOAD_METADATA: unit.name})
     return located
 
 
@@ -406,6 +464,7 @@ def _stream_unit(model: Model, unit: Unit, device: Device, compute: torch.device
         else:
             fresh.setdefault(id(tensor), tensor)
     located = _write_unit(unit, folder, skip=set(slot_of)) if device == "disk" else {}
+    lock = _hold(next(iter(located.values()))[0]) if located else None  # marks the file as this model's
     owners_of = _owners(model, set(fresh))
     for key, tensor in fresh.items():
         holders = owners_of[key]
@@ -415,6 +474,7 @@ def _stream_unit(model: Model, unit: Unit, device: Device, compute: torch.device
         slot = _Slot(owners=[(m, n) for m, n, _ in holders], is_parameter=holders[0][2], placeholder=placeholder)
         if device == "disk":
             slot.file, slot.key = located[key]
+            slot.lock = lock
         else:
             slot.host = _host_copy(tensor, pin=_on_cuda(compute))
         stream.slots.append(slot)
