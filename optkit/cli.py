@@ -12,13 +12,19 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from optkit.errors import OptkitError
+from optkit.errors import InputError, OptkitError
 
 
 def _device(name: str | None) -> str:
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name[:80]!r}: not a device; use cpu, cuda, cuda:1 ...") from None
+    return name
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

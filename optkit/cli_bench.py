@@ -42,6 +42,13 @@ def _positive(name: str, value: int) -> None:
         raise InputError(f"{name}: expected a positive integer, got {value}")
 
 
+def _writable(name: str, path: Path | None) -> None:
+    """Refuse an output path whose directory is missing before minutes of measurement, not after."""
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        why = "is a directory" if path.is_dir() else f"goes into {str(path.parent)!r}, which is no directory"
+        raise InputError(f"{name} {str(path)!r} {why}; pass a file in an existing directory")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -50,9 +57,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens),
                         ("--repeats", args.repeats), *(("--batch", b) for b in args.batch)):
         _positive(name, value)
+    if args.threads is not None:
+        _positive("--threads", args.threads)
+    for name, path in (("--json", args.json), ("--plot", args.plot)):
+        _writable(name, path)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from optkit.cli import _device
+
+    device = _device(args.device)
     source = args.model or args.preset or "opt-125m"
     report = benchmarking.run(source, is_checkpoint=args.model is not None, dtype=getattr(torch, args.dtype),
                               device=device, batches=args.batch, prompt=args.prompt_len, new=args.new_tokens,

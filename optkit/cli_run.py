@@ -117,8 +117,16 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InputError(f"--seed {str(seed)[:40]}: out of range; use an integer from 0 to 2**64 - 1")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,6 +153,7 @@ def _generate(args: argparse.Namespace, group: Any) -> int:
     from optkit.pipelines import pipeline
     from optkit.streaming import TextStreamer
 
+    _check_seed(args.seed)
     prompts = _read_prompts(args) if group is None else group.shared(lambda: _read_prompts(args))
     if sys.stderr.isatty() and (group is None or group.is_main):
         print(f"optkit: loading {args.model or 'the bundled model'} ...", file=sys.stderr, flush=True)

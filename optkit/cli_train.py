@@ -1,6 +1,6 @@
 """``optkit train``: the training loop of ``optkit.training`` on the command line.
 
-    optkit train --spec opt-tiny --data corpus/ --out runs/tiny --steps 500
+    optkit train --spec optkit-default --data corpus/ --out runs/fresh --steps 500
     optkit train --model optkit-default --lora-r 8 --data notes/ --out runs/lora --steps 200
 
 Rerunning the same command resumes from the last checkpoint in ``--out``. With ``--lora-r`` only LoRA
@@ -85,6 +85,10 @@ def run_train(args: argparse.Namespace) -> int:
     from optkit.training import train
 
     joins = dist.is_available() and not dist.is_initialized()  # the group is this command's to leave
+    if args.threads is not None and args.threads < 1:
+        from optkit.errors import InputError
+
+        raise InputError(f"--threads {args.threads}: expected a positive number of CPU threads")
     prints = join_torchrun_group()  # under torchrun: FSDP2 over the ranks; rank 0 alone prints
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,6 +22,7 @@ Deliberate differences:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from optkit.inference.session import session_for
 from optkit.errors import InputError
 from optkit.generation_config import GenerationConfig, ignored_sampling_settings, resolve
 from optkit.outputs import GenerateOutput
+from optkit.streaming import notify_failure
 
 if TYPE_CHECKING:
     from optkit.inference.decode_graph import DecodeStep
@@ -311,6 +313,8 @@ def _ids_problems(input_ids: Any, vocab_size: int) -> list[str]:
                 "wrap a single prompt as ids[None]"]
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         return [f"input_ids: empty batch or prompt {tuple(input_ids.shape)}; pass at least one token per row"]
+    if input_ids.device.type == "meta":
+        return ["input_ids: on the meta device (a shape without values); pass the token ids as a real tensor"]
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         return [f"input_ids: token id {low if low < 0 else high} is outside the vocabulary "
@@ -340,6 +344,8 @@ def _mask_problems(attention_mask: Any, input_ids: Tensor) -> list[str]:
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         return [f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
                 f"{tuple(input_ids.shape)}; pass the tokenizer's mask for the same batch"]
+    if attention_mask.device.type == "meta":
+        return ["attention_mask: on the meta device (a shape without values); pass the mask as a real tensor"]
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
         value = odd[0].item() if len(odd) else attention_mask.dtype
@@ -352,6 +358,44 @@ def _mask_problems(attention_mask: Any, input_ids: Tensor) -> list[str]:
         return [f"attention_mask: row {row} is not left-padded ({_short_row(mask[row])}); generate appends new "
                 "tokens on the right, so pad on the left (optkit's Tokenizer does by default)"]
     return []
+
+
+def _length_penalty_problems(length_penalty: float, max_new_tokens: int) -> list[str]:
+    """Beam scores are divided by ``new_tokens ** length_penalty`` (a Python float, as in transformers, which
+    fails there with an OverflowError): refuse a penalty for which that power overflows."""
+    try:
+        float(max_new_tokens) ** length_penalty
+    except OverflowError:
+        bound = 709.0 / math.log(max_new_tokens)  # exp(709) is about the largest float
+        return [f"length_penalty={length_penalty!r}: beam scores are divided by new_tokens ** length_penalty, which "
+                f"overflows with up to {max_new_tokens} new tokens; use length_penalty <= {bound:.0f}"]
+    return []
+
+
+def _stop_criteria_problems(stopping_criteria: Any) -> list[str]:
+    """transformers' ``stopping_criteria``: a list of callables ``(ids, scores) -> (rows,) bool``."""
+    if isinstance(stopping_criteria, (str, bytes, dict)) or not isinstance(stopping_criteria, (list, tuple)):
+        return [f"stopping_criteria: expected a list of callables (ids, scores) -> bool tensor, got "
+                f"{type(stopping_criteria).__name__}; wrap a single criterion in a list"]
+    bad = [i for i, criterion in enumerate(stopping_criteria) if not callable(criterion)]
+    if bad:
+        return [f"stopping_criteria[{bad[0]}]: expected a callable (ids, scores) -> bool tensor, got "
+                f"{type(stopping_criteria[bad[0]]).__name__}"]
+    return []
+
+
+def _stop_flags(result: Any, index: int, rows: int, device: torch.device) -> Tensor:
+    """A criterion's answer as a (rows,) bool tensor: a bool, or a tensor of one value or one per row, as
+    transformers accepts (it ORs the answer into its own (rows,) flags); anything else is an InputError."""
+    if isinstance(result, bool):
+        return torch.full((rows,), result, dtype=torch.bool, device=device)
+    if isinstance(result, Tensor) and result.dim() <= 1 and result.numel() in (1, rows) and (
+            result.dtype == torch.bool or not (result.is_floating_point() or result.is_complex())):
+        return result.to(device=device, dtype=torch.bool).expand(rows)
+    got = (f"a {result.dtype} tensor of shape {tuple(result.shape)}" if isinstance(result, Tensor)
+           else type(result).__name__)
+    raise InputError(f"stopping_criteria[{index}] returned {got}; a criterion returns a bool tensor of shape "
+                     f"({rows},) (one flag per row, True: the row is done) or a single bool")
 
 
 def _raise(problems: list[str]) -> None:
@@ -371,10 +415,24 @@ def _forward_last(model: Model, ids: Tensor, mask: Tensor | None, cache: KVCache
     return out.logits[:, -1].float()
 
 
-def _pick(scores: Tensor, do_sample: bool, generator: torch.Generator | None) -> Tensor:
-    if not do_sample:
+def _pick(scores: Tensor, s: Settings, generator: torch.Generator | None) -> Tensor:
+    if not s.do_sample:
         return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+    return _draw(scores.softmax(dim=-1), 1, generator, s).squeeze(1)
+
+
+def _draw(probs: Tensor, num_samples: int, generator: torch.Generator | None, s: Settings) -> Tensor:
+    """``torch.multinomial``, whose refusal of a distribution holding inf / nan (the scores overflowed float32;
+    transformers fails the same way) becomes an InputError naming the settings that scale the scores."""
+    try:
+        return torch.multinomial(probs, num_samples=num_samples, generator=generator)
+    except RuntimeError as exc:
+        if "probability tensor contains" not in str(exc):
+            raise
+        raise InputError(f"sampling: the next-token probabilities hold inf or nan: temperature={s.temperature!r} or "
+                         f"repetition_penalty={s.repetition_penalty!r} scaled the scores beyond float32's range (or "
+                         "the model's logits overflowed); use a temperature >= 1e-4, a repetition_penalty closer to "
+                         "1, or do_sample=False for greedy decoding") from None
 
 
 class _StopCheck:
@@ -425,13 +483,13 @@ def _decode_loop(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
         scores = apply_processors(processors, ids, logits)
         if trace is not None:
             trace.record(scores if s.output_scores else None, logits if s.output_logits else None)
-        token = _pick(scores, s.do_sample, generator)
+        token = _pick(scores, s, generator)
         if len(eos):
             token = torch.where(unfinished, token, s.pad_token_id)
             unfinished &= ~torch.isin(token, eos)
         ids = torch.cat([ids, token[:, None]], dim=1)
-        for stop_here in stops:
-            unfinished &= ~stop_here(ids, scores).to(unfinished.device)
+        for index, stop_here in enumerate(stops):
+            unfinished &= ~_stop_flags(stop_here(ids, scores), index, ids.shape[0], unfinished.device)
         if step is None and padded:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if streamer is not None:
@@ -481,12 +539,12 @@ def _take(tensor: Tensor, index: Tensor) -> Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
-def _top_candidates(totals: Tensor, k: int, do_sample: bool,
+def _top_candidates(totals: Tensor, k: int, s: Settings,
                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """k (score, flat index) pairs per prompt over all beams x vocab, best first."""
-    if not do_sample:
+    if not s.do_sample:
         return torch.topk(totals, k)
-    index = torch.multinomial(totals.softmax(dim=-1), num_samples=k, generator=generator)
+    index = _draw(totals.softmax(dim=-1), k, generator, s)
     scores, order = totals.gather(1, index).sort(dim=-1, descending=True)
     return scores, index.gather(1, order)
 
@@ -524,7 +582,9 @@ def _beam_search(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
                  generator: torch.Generator | None) -> Tensor:
     num_beams, prompt_length = s.num_beams, ids.shape[1]
     batch = ids.shape[0] // num_beams
-    fill = s.pad_token_id if s.pad_token_id is not None else 0
+    # what follows a finished hypothesis: transformers' `pad_token_id or eos_token_id[0]`, where pad id 0 (as in
+    # LLaMA-style vocabularies) counts as unset, so the ids match it
+    fill = s.pad_token_id or (s.eos_token_ids[0] if s.eos_token_ids else 0)
     eos = torch.tensor(s.eos_token_ids, dtype=ids.dtype, device=ids.device)
     k = max(2, 1 + len(s.eos_token_ids)) * num_beams  # enough candidates that num_beams survive EOS
     b = _new_beams(ids, batch, num_beams, s.max_length, fill)
@@ -536,7 +596,7 @@ def _beam_search(model: Model, ids: Tensor, mask: Tensor, s: Settings, processor
                                      logits.log_softmax(dim=-1))
         vocab = log_probs.shape[-1]
         totals = (log_probs.view(batch, num_beams, vocab) + b.running_scores[:, :, None]).view(batch, -1)
-        cand_scores, flat_index = _top_candidates(totals, k, s.do_sample, generator)
+        cand_scores, flat_index = _top_candidates(totals, k, s, generator)
         parent, token = flat_index // vocab, flat_index % vocab
         cand = _take(b.running, parent)
         cand[:, :, length] = token
@@ -592,8 +652,13 @@ def _settings(model: Model, input_ids: Any, attention_mask: Any, cfg: Generation
     if cfg.num_beams > 1 and cfg.return_dict_in_generate and (cfg.output_scores or cfg.output_logits):
         problems.append("output_scores / output_logits: not recorded by beam search in optkit; drop them "
                         "(return_dict_in_generate=True alone returns .sequences) or use num_beams=1")
+    if model.device.type == "meta":
+        problems.append("the model is on the meta device (shapes without weights), so it cannot generate; load it "
+                        "with device='cpu' or 'cuda' (optkit.from_pretrained(..., device=...))")
     _raise(problems)
     total = _total_length(prompt_length, cfg.max_new_tokens, cfg.max_length, decoder.max_positions)
+    if cfg.num_beams > 1:
+        _raise(_length_penalty_problems(cfg.length_penalty, total - prompt_length))
     return Settings(max_length=total, min_new_tokens=cfg.min_new_tokens, do_sample=cfg.do_sample,
                     temperature=1.0 if cfg.temperature is None else cfg.temperature,
                     top_k=DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k, top_p=cfg.top_p,
@@ -675,17 +740,19 @@ def _warn_ignored(cfg: GenerationConfig, settings: dict[str, Any]) -> None:
     ignored = ignored_sampling_settings(cfg, settings)
     if ignored:
         warnings.warn(f"generate(): {', '.join(ignored)}: only used when sampling, and do_sample is False, so greedy "
-                      "decoding ignores them; pass do_sample=True or drop them", UserWarning, stacklevel=4)
+                      "decoding ignores them; pass do_sample=True or drop them", UserWarning, stacklevel=6)
 
 
 def _prepare(model: Model, input_ids: Any, attention_mask: Any, generation_config: Any, generator: Any,
              streamer: Any, settings: dict[str, Any], stop_strings: Any = None,
-             tokenizer: Any = None) -> tuple[Settings, Tensor, Tensor]:
+             tokenizer: Any = None, stopping_criteria: Any = ()) -> tuple[Settings, Tensor, Tensor]:
     """Every check, then the resolved settings and the ids and mask on the model's device."""
     cfg = resolve(config_for(model, generation_config), settings, "generate()")
-    problems = _stop_string_problems(stop_strings, tokenizer)
+    problems = _stop_string_problems(stop_strings, tokenizer) + _stop_criteria_problems(stopping_criteria)
     if stop_strings is not None and cfg.num_beams > 1:
         problems.append("stop_strings: not supported with beam search in optkit; use num_beams=1")
+    elif not problems and len(stopping_criteria) and cfg.num_beams > 1:
+        problems.append("stopping_criteria: not supported with beam search in optkit; use num_beams=1")
     _raise(problems)
     _warn_ignored(cfg, settings)
     s = _settings(model, input_ids, attention_mask, cfg, streamer, generator)
@@ -701,10 +768,10 @@ def _prepare(model: Model, input_ids: Any, attention_mask: Any, generation_confi
 def check(model: Model, input_ids: Tensor, attention_mask: Tensor | None = None, *,
           generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
           streamer: Streamer | None = None, stop_strings: str | Sequence[str] | None = None, tokenizer: Any = None,
-          **settings: Any) -> None:
+          stopping_criteria: Sequence[StoppingCriterion] = (), **settings: Any) -> None:
     """Raise the InputError ``generate`` would raise for these arguments, without running the model."""
     _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings, stop_strings,
-             tokenizer)
+             tokenizer, stopping_criteria)
 
 
 @torch.no_grad()
@@ -733,18 +800,28 @@ def generate(model: Model, input_ids: Tensor, attention_mask: Tensor | None = No
     ``.logits`` (``output_logits``: per step, the raw logits), each a tuple of (rows, vocab) float32 tensors.
 
     Per-call state stays in the call: ``generate`` never changes the model, and several threads may
-    generate on one model at once.
+    generate on one model at once. If it raises, a streamer with a ``fail(error)`` method (optkit's
+    ``TextIteratorStreamer``) gets the error, so a consumer in another thread sees it instead of waiting forever.
     """
+    try:
+        return _generate(model, input_ids, attention_mask, generation_config, generator, streamer, stop_strings,
+                         tokenizer, stopping_criteria, settings)
+    except BaseException as error:
+        notify_failure(streamer, error)
+        raise
+
+
+def _generate(model: Model, input_ids: Any, attention_mask: Any, generation_config: Any, generator: Any,
+              streamer: Any, stop_strings: Any, tokenizer: Any, stopping_criteria: Any,
+              settings: dict[str, Any]) -> Tensor | GenerateOutput:
     s, ids, mask = _prepare(model, input_ids, attention_mask, generation_config, generator, streamer, settings,
-                            stop_strings, tokenizer)
+                            stop_strings, tokenizer, stopping_criteria)
     copies = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
     processors = build_processors(s, ids.shape[1], prompt_start=(mask != 0).int().argmax(dim=1))
     stops = list(stopping_criteria)
     if stop_strings is not None:
         stops.append(StopStrings([stop_strings] if isinstance(stop_strings, str) else stop_strings, tokenizer, ids))
-    if stops and s.num_beams > 1:
-        raise InputError("stopping_criteria: not supported with beam search in optkit; use num_beams=1")
     trace = _Trace() if s.output_scores or s.output_logits else None
     if streamer is not None:
         streamer.put(ids.cpu())

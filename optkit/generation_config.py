@@ -218,14 +218,33 @@ class GenerationConfig(BaseModel):
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"generation config {str(path)!r}: cannot be read ({exc})") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_without_duplicates)
         except json.JSONDecodeError as exc:
             raise InputError(f"generation config {str(path)!r}: not valid JSON ({exc})") from None
+        except _DuplicateKey as exc:
+            raise InputError(f"generation config {str(path)!r}: {exc.key} is given twice (JSON keeps the last one "
+                             "silently); keep one") from None
         return cls.from_dict(data, source=f"generation config {str(path)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain JSON values; ``GenerationConfig(**cfg.to_dict()) == cfg``."""
         return self.model_dump()
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = _short(key)
+
+
+def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (``{"top_k": 5, "top_k": 50}``: which one was meant?)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
 
 
 def _accepts_none(annotation: Any) -> bool:

@@ -6,6 +6,7 @@ Without a model it runs the small model bundled in ``optkit/default_model``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import torch
 from optkit.bundled import default_model_dir
 from optkit.errors import CheckpointNotFoundError, InputError
 from optkit.generation import check, config_for
-from optkit.generation_config import GenerationConfig, resolve
+from optkit.generation_config import GenerationConfig, ignored_sampling_settings, resolve
+from optkit.streaming import notify_failure
 
 SUPPORTED_TASKS = ("text-generation",)
+RUN_ARGS = ("generator", "streamer", "stop_strings", "stopping_criteria")  # generate's per-call objects, not settings
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation pipeline default, capped to the model's positions
 
 
@@ -89,9 +92,19 @@ class TextGenerationPipeline:
         ``optkit.generation.generate``, over the model's ``generation_config``. Without lengths there either,
         up to 256 new tokens (as transformers), fewer when the model has fewer positions. ``batch_size``
         (default: the pipeline's, else every text at once) is how many texts run together, left-padded;
-        the texts come out the same either way.
+        the texts come out the same either way. If it raises, a ``streamer`` with ``fail`` gets the error
+        (see ``optkit.generation.generate``), so a consumer in another thread does not wait forever.
         """
+        try:
+            return self._call(text_inputs, return_full_text, generation_config, batch_size, generate_kwargs)
+        except BaseException as error:
+            notify_failure(generate_kwargs.get("streamer"), error)
+            raise
+
+    def _call(self, text_inputs: str | list[str], return_full_text: bool, generation_config: GenerationConfig | None,
+              batch_size: int | None, generate_kwargs: dict[str, Any]) -> list[Any]:
         texts = _texts(text_inputs)
+        _warn_ignored(config_for(self.model, generation_config), generate_kwargs)
         size = _checked_batch_size(batch_size) or self.batch_size or len(texts)
         results = []
         for start in range(0, len(texts), size):
@@ -122,7 +135,7 @@ class TextGenerationPipeline:
         per-call objects (generator, streamer)."""
         texts = _texts(text_inputs)
         settings = dict(generate_kwargs)
-        run_args = {k: settings.pop(k) for k in ("generator", "streamer", "stop_strings", "stopping_criteria") if k in settings}
+        run_args = {k: settings.pop(k) for k in RUN_ARGS if k in settings}
         if "stop_strings" in run_args:
             run_args["tokenizer"] = self.tokenizer
         cfg = resolve(config_for(self.model, generation_config), settings, "pipeline()")
@@ -132,6 +145,15 @@ class TextGenerationPipeline:
             room = self.model.spec.decoder.max_positions - ids.shape[1]
             cfg = cfg.replace(max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
         return list(texts), ids, mask, cfg, run_args
+
+
+def _warn_ignored(own: GenerationConfig, generate_kwargs: dict[str, Any]) -> None:
+    """As ``generate`` (and transformers' pipeline): a sampling-only keyword in a greedy call is a warning."""
+    settings = {k: v for k, v in generate_kwargs.items() if k not in RUN_ARGS}
+    ignored = ignored_sampling_settings(resolve(own, settings, "pipeline()"), settings)
+    if ignored:
+        warnings.warn(f"pipeline(): {', '.join(ignored)}: only used when sampling, and do_sample is False, so greedy "
+                      "decoding ignores them; pass do_sample=True or drop them", UserWarning, stacklevel=4)
 
 
 def _texts(text_inputs: Any) -> list[str]:
@@ -150,11 +172,22 @@ def _checked_batch_size(batch_size: Any) -> int | None:
 
 
 def _device(device: Any) -> Any:
-    """transformers' integer devices: -1 is the CPU, n >= 0 is cuda:n."""
+    """transformers' integer devices: -1 is the CPU, n >= 0 is cuda:n; a name is checked here (torch's own
+    complaint lists every device type it knows), and meta, which holds no weights, is refused."""
     if isinstance(device, int) and not isinstance(device, bool):
         if device < -1:
             raise InputError(f"device={device}: use -1 (CPU), a CUDA index >= 0, or a name such as 'cpu' or 'cuda:0'")
         return "cpu" if device == -1 else f"cuda:{device}"
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device={repr(device)[:80]}: not a device; use 'cpu', 'cuda', 'cuda:1' ..., or a CUDA "
+                         "index (-1: the CPU)") from None
+    if kind == "meta":
+        raise InputError("device='meta' holds shapes without weights, so a pipeline cannot generate there; "
+                         "use 'cpu' or 'cuda'")
     return device
 
 

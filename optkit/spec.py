@@ -344,6 +344,13 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _looks_like_path(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) or _is_file(Path(name))
 
@@ -374,6 +381,9 @@ def resolve_raw(name_or_path: str | Path | dict[str, Any], _seen: tuple[str, ...
             if not _is_file(candidate):
                 raise SpecValidationError([f"spec file {shorten(str(candidate), 200)} does not exist"])
             data, here = _read_yaml(candidate), candidate.parent
+        elif key.strip() and _is_dir(candidate):
+            raise SpecValidationError([f"{shorten(str(candidate), 200)} is a directory; give a preset name or a .yaml "
+                                       "spec file (a checkpoint directory loads with optkit.from_pretrained)"])
         else:
             raise SpecValidationError([
                 f"unknown preset '{shorten(key, 80)}' (presets: {', '.join(preset_names())}); "

@@ -53,6 +53,14 @@ def _token_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
+def notify_failure(streamer: Any, error: BaseException) -> None:
+    """Tell ``streamer`` that generation raised ``error``, when it can take the news (a ``fail`` method): a
+    consumer iterating in another thread then gets the error instead of waiting for text that never comes."""
+    fail = getattr(streamer, "fail", None)
+    if callable(fail):
+        fail(error)
+
+
 def _stable_length(text: str) -> int:
     """Length of the part of ``text`` later tokens cannot change: all but a trailing U+FFFD run."""
     return len(text.rstrip(_REPLACEMENT_CHAR))
@@ -117,6 +125,13 @@ class TextStreamer:
 _END_OF_STREAM = object()
 
 
+class _Failure:
+    """Queued by ``fail``: the consumer's next ``next()`` raises ``error``."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 class TextIteratorStreamer(TextStreamer):
     """A streamer to iterate over from another thread: ``for chunk in streamer: ...``.
 
@@ -137,6 +152,17 @@ class TextIteratorStreamer(TextStreamer):
         )
         self.timeout = timeout
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._failed: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Generation raised ``error`` (``generate`` and the pipeline call this): after the text already streamed,
+        the consumer's ``next()`` raises it, which ends that stream (instead of waiting forever for text that never
+        comes); a later generation streams anew."""
+        if error is self._failed:  # generate and the pipeline around it both report the same error
+            return
+        self._failed = error
+        self._reset()
+        self._queue.put(_Failure(error))
 
     def _enqueue(self, text: str, final: bool) -> None:
         if text:
@@ -154,4 +180,6 @@ class TextIteratorStreamer(TextStreamer):
             raise StreamTimeoutError(f"no streamed text arrived within {self.timeout} s") from None
         if item is _END_OF_STREAM:
             raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.error
         return item

@@ -16,6 +16,7 @@ import numbers
 import os
 import re
 import reprlib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from optkit.errors import InputError, OptkitError
+from optkit.errors import InputError, OptkitError, shorten
 
 __all__ = ["BatchEncoding", "SpecialTokens", "Tokenizer", "TokenizerNotFoundError", "TOKENIZER_FILES"]
 
@@ -202,13 +203,33 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
         """Byte-level token strings (e.g. ``"Ġworld"``) for one id or a sequence of ids."""
         if isinstance(ids, int):
-            return self.backend.id_to_token(ids)
-        return [self.backend.id_to_token(i) for i in _as_id_list(ids)]
+            return self._id_to_token(ids, 0)
+        ids = _as_id_list(ids, "convert_ids_to_tokens()")
+        return [self._id_to_token(i, position) for position, i in enumerate(ids)]
+
+    def _id_to_token(self, token_id: int, position: int) -> str | None:
+        """None for an id past the vocabulary, as transformers; a negative id is no token id at all."""
+        if token_id < 0:
+            raise InputError(f"convert_ids_to_tokens(): token id {token_id} at position {position} is negative; "
+                             f"token ids are 0..{len(self) - 1}")
+        return self.backend.id_to_token(token_id) if token_id < len(self) else None
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
+        """The id of each token string; a string that is no token maps to the unknown token's id (None when
+        the tokenizer has no unknown token), as in transformers."""
         if isinstance(tokens, str):
-            return self.backend.token_to_id(tokens)
-        return [self.backend.token_to_id(t) for t in tokens]
+            return self._token_to_id(tokens, None)
+        if isinstance(tokens, (bytes, Mapping)) or not isinstance(tokens, Iterable):
+            raise InputError(f"convert_tokens_to_ids(): expected a token string or a list of them, got "
+                             f"{_describe(tokens)}")
+        return [self._token_to_id(token, position) for position, token in enumerate(tokens)]
+
+    def _token_to_id(self, token: Any, position: int | None) -> int | None:
+        if not isinstance(token, str):
+            where = "" if position is None else f" at position {position}"
+            raise InputError(f"convert_tokens_to_ids(): tokens are strings; got {_describe(token)}{where}")
+        found = self.backend.token_to_id(token)
+        return self.unk_token_id if found is None else found
 
     # ------------------------------------------------------------------ encoding
 
@@ -232,6 +253,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise InputError(f"encode(text): expected a str, got {_describe(text)}; use tokenizer(texts) for a batch")
         _check_text(text, "text")
+        _check_flag("add_special_tokens", add_special_tokens)
         return self._encode_texts([text], add_special_tokens)[0]
 
     def __call__(
@@ -254,6 +276,7 @@ class Tokenizer:
         encodes each pair as OPT does: ``</s> A </s> B``. ``return_tensors``: None, "pt" or "np".
         """
         texts, is_batch = _checked_texts(text)
+        _check_flag("add_special_tokens", add_special_tokens)
         pad_mode = _padding_mode(padding, max_length)
         pairs = self._checked_pairs(text_pair, len(texts), is_batch, truncation, max_length, pad_mode)
         if is_batch and not texts and (pad_mode != "do_not_pad" or return_tensors is not None):
@@ -344,6 +367,11 @@ class Tokenizer:
         if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
             raise InputError(f"batch_decode(): expected a batch of id sequences (list of lists or 2-D tensor), "
                              f"got {_describe(sequences)}")
+        rows = list(rows)
+        if rows and all(_is_id(row) for row in rows):  # one sequence: transformers 5 decodes it as one text
+            warnings.warn("batch_decode() got one sequence of ids (not a batch); it is decoded as one text, as "
+                          "transformers does; use decode() for a single sequence", UserWarning, stacklevel=2)
+            rows = [rows]
         checked = [self._checked_ids(row, f"batch_decode() row {i}") for i, row in enumerate(rows)]
         return self.backend.decode_batch(checked, skip_special_tokens=skip_special_tokens)
 
@@ -361,6 +389,9 @@ class Tokenizer:
     def save_pretrained(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
         """Write vocab.json, merges.txt, tokenizer.json and OPT-style json configs (loadable by transformers)."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise InputError(f"save_pretrained(): {shorten(str(directory))!r} is a file; pass a directory to hold "
+                             "the tokenizer files")
         directory.mkdir(parents=True, exist_ok=True)
         written = [Path(p) for p in self.backend.model.save(str(directory))]
         written.append(self._save_backend_json(directory / "tokenizer.json"))
@@ -437,6 +468,8 @@ def _resolve_directory(
     first, then a download)."""
     from optkit.bundled import bundled_directory
 
+    if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
+        raise InputError(f"tokenizer: expected a directory or a Hugging Face Hub id, got {_describe(path_or_hub_id)}")
     bundled = bundled_directory(path_or_hub_id)
     if bundled is not None:
         return bundled
@@ -445,6 +478,10 @@ def _resolve_directory(
         return path
     if path.exists():
         raise TokenizerNotFoundError(f"{str(path)!r} is a file; pass the directory holding {_looked_for()}.")
+    if _is_local_path(str(path_or_hub_id)):
+        raise TokenizerNotFoundError(f"{shorten(str(path_or_hub_id))!r} is not a local directory (nothing is there); "
+                                     f"pass the directory holding {_looked_for()}, or a Hugging Face Hub id "
+                                     "(name or namespace/name).")
     problems: list[str] = []
     for local_only in (True, False):
         where = "local Hub cache" if local_only else "Hub download"
@@ -460,6 +497,11 @@ def _resolve_directory(
         f"Tokenizer not found: {str(path_or_hub_id)!r} is not a local directory, and as a Hugging Face Hub "
         f"repo id it failed ({'; '.join(problems)}). Looked for {_looked_for()}."
     )
+
+
+def _is_local_path(text: str) -> bool:
+    """A name no Hub id can be: absolute, or starting with ~, ./ or ../ (a Hub id is name or namespace/name)."""
+    return os.path.isabs(text) or text.startswith(("~", "./", "../", ".\\", "..\\"))
 
 
 def _one_line(message: str, limit: int = 300) -> str:
@@ -673,6 +715,12 @@ def _check_text(text: str, name: str) -> None:
                          "text.encode('utf-8', 'replace').decode('utf-8')")
 
 
+def _check_flag(name: str, value: Any) -> None:
+    """A switch must be a bool: ``add_special_tokens="no"`` would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name}={_short(value)}: must be True or False")
+
+
 def _padding_mode(padding: bool | str, max_length: int | None) -> str:
     """Normalise transformers' padding argument to do_not_pad / longest / max_length."""
     modes = {False: "do_not_pad", True: "longest", **{name: name for name in ("do_not_pad", "longest", "max_length")}}
@@ -686,7 +734,15 @@ def _padding_mode(padding: bool | str, max_length: int | None) -> str:
     return mode
 
 
+TRUNCATION_STRATEGIES = ("longest_first", "only_first", "do_not_truncate")  # transformers' names, one text each
+
+
 def _should_truncate(truncation: bool | str | None, max_length: int | None, pad_mode: str) -> bool:
+    if not isinstance(truncation, (bool, str, type(None))) or (
+            isinstance(truncation, str) and truncation not in TRUNCATION_STRATEGIES):
+        second = " (it cuts a text_pair, which optkit does not truncate)" if truncation == "only_second" else ""
+        raise InputError(f"truncation={_short(truncation)}: must be True, False, None or one of "
+                         f"{', '.join(map(repr, TRUNCATION_STRATEGIES))}{second}")
     if truncation is None:
         return max_length is not None and pad_mode == "do_not_pad"
     if truncation in ("do_not_truncate",):
