@@ -379,10 +379,17 @@ class Model(nn.Module):
         return ModelOutput(past_key_values=cache if (use_cache or past_key_values is not None) else None,
                            hidden_states=all_hidden, attentions=attentions, **head_out)
 
-    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
-        """Prompt + new tokens, like transformers' ``generate`` (see optkit.generation)."""
+    def generate(self, input_ids: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Prompt + new tokens, like transformers' ``generate`` (see optkit.generation). The prompt may also come
+        as ``inputs=``, the name of transformers' first parameter, so code written for it runs unchanged."""
         from optkit.generation import generate
 
+        if "inputs" in kwargs:
+            if input_ids is not None:
+                raise InputError("generate(): the prompt came twice, as input_ids and as inputs; pass one")
+            input_ids = kwargs.pop("inputs")
+        if input_ids is None:
+            raise InputError("generate(): no prompt; pass input_ids, a (batch, length) tensor of token ids")
         return generate(self, input_ids, **kwargs)
 
     # -- weights ----------------------------------------------------------------------------

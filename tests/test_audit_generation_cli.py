@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.helpers import batch, make_text_model_dir, saved_pair
 
+import optkit
 from optkit.cli import main
 from optkit.errors import InputError
 from optkit.generation_config import GenerationConfig
@@ -329,3 +330,16 @@ def test_a_generation_config_file_with_a_key_given_twice(tmp_path):
     with pytest.raises(InputError, match=r"generation config '.*generation_config.json': 'top_k' is given twice "
                                          r"\(JSON keeps the last one silently\); keep one"):
         GenerationConfig.from_file(tmp_path)
+
+
+def test_generate_takes_the_prompt_as_inputs_like_transformers():
+    """transformers' first parameter is ``inputs``; code that names it runs unchanged, and a prompt given twice or
+    not at all is one InputError."""
+    model = optkit.build("opt-tiny").eval()
+    ids = torch.tensor([[5, 6, 7]])
+    expected = model.generate(ids, max_new_tokens=3, eos_token_id=[])
+    assert torch.equal(model.generate(inputs=ids, max_new_tokens=3, eos_token_id=[]), expected)
+    with pytest.raises(InputError, match="the prompt came twice"):
+        model.generate(ids, inputs=ids, max_new_tokens=3)
+    with pytest.raises(InputError, match="no prompt; pass input_ids"):
+        model.generate(max_new_tokens=3)

@@ -185,6 +185,7 @@ def test_optkit_run_with_a_device_map_prints_it_and_the_same_text(placement, tex
     (("--device-map", "everywhere"), "--device-map: 'everywhere' is not one of auto, balanced, sequential"),
     (("--device-map", "{\"\": cpu}"), "--device-map: '{\"\": cpu}' is not valid JSON"),
     (("--device-map", "auto", "--max-memory", "cpu:1GiB"), "--max-memory: 'cpu:1GiB' is not DEVICE=SIZE"),
+    (("--device-map", "auto", "--max-memory", "cpu=1GiB,cpu=2GiB"), "--max-memory: device 'cpu' is given twice"),
     (("--device-map", '{"": "disk"}'), "pass offload_folder="),
 ])
 def test_optkit_run_refuses_placement_options_that_do_not_go_together(argv, named, text_model: Path, capsys):

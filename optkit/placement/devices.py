@@ -155,5 +155,7 @@ def max_memory_from_text(text: str, *, what: str = "--max-memory") -> dict[str, 
         device, sep, size = pair.partition("=")
         if not sep or not device.strip():
             raise InputError(f"{what}: {_quote(pair)} is not DEVICE=SIZE (e.g. 0=80GiB,cpu=200GiB,disk=2TB)")
+        if device.strip() in max_memory:  # a later value silently winning would plan with the wrong budget
+            raise InputError(f"{what}: device {_quote(device.strip())} is given twice; give each device one size")
         max_memory[device.strip()] = size.strip()
     return max_memory
