@@ -21,6 +21,7 @@ swapped in with ``config.json`` last, so an interruption never leaves weights an
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from optkit.checkpoint_files import CONFIG_NAME, interrupted_hint
-from optkit.errors import CheckpointError, InputError
+from optkit.errors import CheckpointError, InputError, brief_repr
 
 TRAINER_STATE = "trainer_state.pt"
 STAGING = ".staging"
@@ -70,15 +71,34 @@ class TrainConfig:
     mixed_precision: str = "fp32"  # "bf16": autocast the forward (fp32 master weights and optimizer state)
 
     def __post_init__(self) -> None:
-        problems = [f"{name} must be > 0, got {getattr(self, name)}"
-                    for name in ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_windows")
-                    if getattr(self, name) <= 0]
-        if not 0.0 <= self.eval_fraction < 1.0:
-            problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("warmup_steps, weight_decay and grad_clip must be >= 0")
+        """Every bad setting at once, as an InputError (a ValueError) naming each: never a NaN run or a
+        fractional step count that ``range`` would round."""
+        problems = [f"{name} must be a positive integer, got {brief_repr(getattr(self, name))}"
+                    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows")
+                    if not _is_int(getattr(self, name)) or getattr(self, name) <= 0]
+        problems += [f"{name} must be an integer >= 0, got {brief_repr(getattr(self, name))}"
+                     for name in ("warmup_steps", "save_every")
+                     if not _is_int(getattr(self, name)) or getattr(self, name) < 0]
+        if not _is_real(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            problems.append(f"lr must be a finite number > 0, got {brief_repr(self.lr)}")
+        if not _is_real(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction must be in [0, 1), got {brief_repr(self.eval_fraction)}")
+        problems += [f"{name} must be a number >= 0, got {brief_repr(getattr(self, name))}"
+                     for name in ("weight_decay", "grad_clip", "min_lr_ratio")  # grad_clip inf or 0: no clipping
+                     if not _is_real(getattr(self, name)) or not getattr(self, name) >= 0]
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+            problems.append(f"betas must be two numbers in [0, 1) (AdamW's), got {brief_repr(betas)}")
         if problems:
-            raise ValueError("bad training settings: " + "; ".join(problems))
+            raise InputError("bad training settings: " + "; ".join(problems))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -126,7 +146,8 @@ def _read_text(path: Path) -> str:
 
 
 def _is_existing_path(text: str) -> bool:
-    return len(text) < 4096 and "\n" not in text and Path(text).exists()
+    """Whether ``text`` names a file or directory; never the empty string, which ``Path`` reads as the cwd."""
+    return 0 < len(text.strip()) and len(text) < 4096 and "\n" not in text and Path(text).exists()
 
 
 def split_documents(documents: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -210,11 +231,19 @@ def encode_documents(tokenizer: Any, documents: Sequence[str], bos_id: int) -> T
 
 def sample_windows(stream: Tensor, *, seq_len: int, batch_size: int, seed: int, step: int) -> Tensor:
     """A batch of random windows that depends only on (seed, step): resuming needs no sampler state."""
-    if stream.numel() < seq_len + 1:
-        raise ValueError(f"the training corpus has {stream.numel()} tokens; seq_len={seq_len} needs more")
+    check_enough_tokens(stream, seq_len)
     generator = torch.Generator().manual_seed(_step_seed(seed, step, salt=1))
     starts = torch.randint(0, stream.numel() - seq_len + 1, (batch_size,), generator=generator)
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).long()
+
+
+def check_enough_tokens(stream: Tensor, seq_len: int) -> None:
+    """A window needs ``seq_len + 1`` tokens; checked once before training starts, so a short corpus is one
+    clear error rather than a failure at the first step."""
+    if stream.numel() < seq_len + 1:
+        raise InputError(f"the training corpus has {stream.numel()} tokens; seq_len={seq_len} needs at least "
+                         f"{seq_len + 1}: give more text or a smaller seq_len (--seq-len); a string that is not an "
+                         "existing path is read as the text itself, so check the corpus paths")
 
 
 def eval_windows(stream: Tensor, *, seq_len: int, max_windows: int) -> Tensor:
@@ -392,6 +421,7 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     """
     from optkit.parallel.fsdp import sharded_training
 
+    _check_more_settings(more_settings)
     sharded = sharded_training(fsdp, mixed_precision, Path(out_dir) if resume else None,  # type: ignore[arg-type]
                                tp_size=tp_size)
     config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
@@ -403,6 +433,9 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     progress = Progress(steps, log_every, stream if sharded is None else sharded.stream(stream))
     model = _model(spec_or_model, seed)
     check_savable(model)  # before step 1: a run never trains for hours to fail at its first checkpoint
+    from optkit.adapters.training import check_trainable
+
+    check_trainable(model)  # an optimizer with no gradient to follow: refused now, not deep inside autograd
     if seq_len > model.spec.decoder.max_positions:
         raise InputError(f"seq_len={seq_len} exceeds the model's {model.spec.decoder.max_positions} positions; "
                          f"train on shorter windows (seq_len / --seq-len <= {model.spec.decoder.max_positions}) or "
@@ -412,6 +445,16 @@ def train(spec_or_model: Any, corpus: Corpus, *, out_dir: str | os.PathLike[str]
     if sharded is None or sharded.is_main:
         _save_tokenizer_files(tokenizer, backend, out, model)
     return _run(model, train_stream, eval_stream, config, out, resume, progress, sharded, stop_at)
+
+
+def _check_more_settings(more_settings: dict[str, Any]) -> None:
+    """An unknown keyword (e.g. transformers' ``gradient_accumulation_steps``, which this loop does not have) is
+    an InputError listing the settings there are, not a TypeError from TrainConfig."""
+    known = {f.name for f in fields(TrainConfig)} - set(inspect.signature(train).parameters)
+    unknown = sorted(set(more_settings) - known)
+    if unknown:
+        raise InputError(f"train: unknown setting(s) {brief_repr(unknown)}; the extra settings are "
+                         f"{', '.join(sorted(known))} (and train's own keywords)")
 
 
 def _model(spec_or_model: Any, seed: int) -> nn.Module:
@@ -427,6 +470,9 @@ def _token_streams(model: nn.Module, backend: Any, corpus: Corpus, eval_corpus: 
                    progress: Progress) -> tuple[Tensor, Tensor]:
     """Tokenize once; check the ids fit the model's vocabulary."""
     documents = read_documents(corpus)
+    if not documents:
+        raise InputError(f"the training corpus {brief_repr(corpus)} holds no text (no documents, or only blank "
+                         "ones); pass files, directories or a string with the text to train on")
     if eval_corpus is None:
         train_docs, eval_docs = split_documents(documents, config.eval_fraction, config.seed)
     else:
@@ -435,6 +481,7 @@ def _token_streams(model: nn.Module, backend: Any, corpus: Corpus, eval_corpus: 
     bos = backend.token_to_id("</s>") if bos is None else bos
     start = time.perf_counter()
     train_stream = encode_documents(backend, train_docs, bos)
+    check_enough_tokens(train_stream, config.seq_len)
     eval_stream = encode_documents(backend, eval_docs, bos)
     vocab = model.spec.decoder.vocab_size
     top = max((int(s.max()) for s in (train_stream, eval_stream) if s.numel()), default=0)

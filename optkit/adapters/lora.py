@@ -54,8 +54,10 @@ def check_settings(r: object, alpha: object, dropout: object, use_rslora: object
     problems = []
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"r must be a positive integer (the rank), got {brief_repr(r)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        problems.append(f"alpha must be a finite number (the delta is scaled by alpha / r), got {brief_repr(alpha)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        # 0 scales the delta to nothing: the adapter would never change the output nor get a gradient
+        problems.append(f"alpha must be a finite non-zero number (the delta is scaled by alpha / r), "
+                        f"got {brief_repr(alpha)}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         problems.append(f"dropout must be a number in [0, 1), got {brief_repr(dropout)}")
     if not isinstance(use_rslora, bool):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optkit.adapters.attach import ALL_LINEAR, DEFAULT_TARGETS, layer_linears, resolve_targets
+from optkit.adapters.lora import DEFAULT_ALPHA, check_settings
 from optkit.errors import InputError
 
 METHODS = ("full", "lora", "int8+lora", "nf4+lora")
@@ -60,6 +61,9 @@ def count(spec: Any, *, r: int = 8, target_modules: str | Sequence[str] = DEFAUL
     """Build ``spec`` (a ModelSpec, preset or YAML path) on "meta" and count what the estimate needs."""
     from optkit.builder import build
 
+    problems = check_settings(r, DEFAULT_ALPHA, 0.0, False)  # only r varies here; a bad one gave negative counts
+    if problems:
+        raise InputError(f"memory estimate: {problems[0]}")
     model = build(spec, device="meta")
     projections = dict(layer_linears(model))
     for name in ("project_in", "project_out"):
