@@ -456,6 +456,7 @@ PEFT_CASES = [
     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     dict(r=2, lora_alpha=16, target_modules=["k_proj", "out_proj", "fc1", "fc2"], use_rslora=True),
     dict(r=8, lora_alpha=4, lora_dropout=0.05, target_modules=r".*\.(q_proj|fc2)"),
+    dict(r=2, lora_alpha=8, target_modules="all-linear"),  # with project_in/out where the model has them
 ]
 
 
@@ -468,7 +469,7 @@ def peft_and_optkit(case: dict, variant: dict):
     return peft_model, ours
 
 
-@pytest.mark.parametrize("case", PEFT_CASES, ids=["qv", "rslora-kofc", "regex"])
+@pytest.mark.parametrize("case", PEFT_CASES, ids=["qv", "rslora-kofc", "regex", "all-linear"])
 @pytest.mark.parametrize("variant", [{}, dict(do_layer_norm_before=False, word_embed_proj_dim=16)],
                          ids=["pre_ln", "post_ln_projected"])
 def test_an_adapter_peft_saved_loads_with_peft_logits(tmp_path, case, variant):

@@ -28,13 +28,15 @@ from optkit.interfaces import WrappableLinear
 if TYPE_CHECKING:
     from optkit.model import Model
 
-ALL_LINEAR = "all-linear"  # PEFT's shorthand: every projection of every layer
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear but the output layer
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 
 # -- which modules -------------------------------------------------------------------------------
 def layer_linears(model: Model) -> dict[str, nn.Module]:
-    """Every projection inside the decoder layers, by module path (an adapted one as its wrapper)."""
+    """Every linear of the decoder an adapter may wrap, by module path (an adapted one as its wrapper): the
+    layers' projections and, where a model has them (OPT-350m), ``project_in``/``project_out``, which PEFT's
+    "all-linear" adapts too. The LM head is never one (PEFT leaves the output layer alone)."""
     found: dict[str, nn.Module] = {}
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -45,7 +47,7 @@ def layer_linears(model: Model) -> dict[str, nn.Module]:
             else:
                 visit(path, child)
 
-    visit("decoder.layers", model.decoder.layers)
+    visit("decoder", model.decoder)
     return found
 
 
@@ -75,6 +77,8 @@ def resolve_targets(model: Model, target_modules: str | Sequence[str]) -> list[s
     """Module paths for ``target_modules`` (checkpoint names, or ``"all-linear"``); an unknown name is an
     InputError listing the valid ones."""
     linears = layer_linears(model)
+    if target_modules is None:  # PEFT's default for OPT (and LLaMA) models
+        target_modules = list(DEFAULT_TARGETS)
     if target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:  # a spec gives it as a list of one
         return list(linears)
     wanted = [target_modules] if isinstance(target_modules, str) else target_modules

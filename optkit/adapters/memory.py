@@ -65,11 +65,7 @@ def count(spec: Any, *, r: int = 8, target_modules: str | Sequence[str] = DEFAUL
     if problems:
         raise InputError(f"memory estimate: {problems[0]}")
     model = build(spec, device="meta")
-    projections = dict(layer_linears(model))
-    for name in ("project_in", "project_out"):
-        module = getattr(model.decoder, name, None)
-        if module is not None:
-            projections[f"decoder.{name}"] = module
+    projections = layer_linears(model)  # project_in/project_out included, where the model has them
     targets = resolve_targets(model, target_modules)
     sizes = {path: (module.in_features, module.out_features) for path, module in projections.items()}
     return ModelCounts(parameters=model.num_parameters(),
