@@ -289,6 +289,22 @@ class Model(nn.Module):
             width = self.decoder.embed_tokens.embedding_dim
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
                 raise InputError(f"inputs_embeds must be (batch, length, {width}), got {tuple(inputs_embeds.shape)}")
+            table = getattr(self.decoder.embed_tokens, "weight", None)
+            expected = table.dtype if isinstance(table, Tensor) else inputs_embeds.dtype
+            mixed = inputs_embeds.dtype != expected and not torch.is_autocast_enabled(inputs_embeds.device.type)
+            if not inputs_embeds.is_floating_point() or (expected.is_floating_point and mixed):
+                raise InputError(f"inputs_embeds are {inputs_embeds.dtype} but the model computes in {expected}; "
+                                 f"pass inputs_embeds.to({expected}) (or run under torch.autocast)")
+
+    def _check_position_shape(self, position_ids: Tensor, inputs: Tensor) -> None:
+        """position_ids of the wrong shape or dtype fail here by name, not as a broadcast or embedding error."""
+        batch, length = inputs.shape[:2]
+        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            raise InputError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        fits = position_ids.dim() == 1 or (position_ids.dim() == 2 and position_ids.shape[0] in (1, batch))
+        if not fits or position_ids.shape[-1] != length:
+            raise InputError(f"position_ids have shape {tuple(position_ids.shape)}, expected ({batch}, {length}) "
+                             f"(or ({length},) / (1, {length}) for every row): one position per input token")
 
     def _check_positions(self, position_ids: Tensor) -> None:
         """Positions a lookup table cannot hold fail here, with the fix, not as an IndexError deep inside."""
@@ -356,10 +372,14 @@ class Model(nn.Module):
                 past_key_values: KVCache | None = None, use_cache: bool | None = None, labels: Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False, logits_to_keep: int | Tensor = 0,
                 start_positions: Tensor | None = None, end_positions: Tensor | None = None,
-                check_inputs: bool = True) -> ModelOutput:
+                check_inputs: bool = True, return_dict: bool | None = None) -> ModelOutput | tuple[Any, ...]:
         """transformers' keywords; ``check_inputs=False`` skips the id/position range checks (each costs a
-        host synchronisation) for ids the caller has already checked, e.g. generate's own new tokens."""
+        host synchronisation) for ids the caller has already checked, e.g. generate's own new tokens.
+        ``return_dict=False``: transformers' tuple, the output's set fields in order (``ModelOutput.to_tuple``)."""
         self._check(input_ids, inputs_embeds, check_inputs)
+        if position_ids is not None:
+            self._check_position_shape(position_ids, input_ids if input_ids is not None else inputs_embeds)
+            position_ids = position_ids if position_ids.dim() == 2 else position_ids[None]  # rotary needs rows
         if position_ids is not None and check_inputs:
             self._check_positions(position_ids)
         if output_attentions:
@@ -376,8 +396,9 @@ class Model(nn.Module):
         head_out = self.head(hidden, HeadInputs(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                                 start_positions=start_positions, end_positions=end_positions,
                                                 logits_to_keep=logits_to_keep))
-        return ModelOutput(past_key_values=cache if (use_cache or past_key_values is not None) else None,
-                           hidden_states=all_hidden, attentions=attentions, **head_out)
+        output = ModelOutput(past_key_values=cache if (use_cache or past_key_values is not None) else None,
+                             hidden_states=all_hidden, attentions=attentions, **head_out)
+        return output.to_tuple() if return_dict is False else output
 
     def generate(self, input_ids: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Prompt + new tokens, like transformers' ``generate`` (see optkit.generation). The prompt may also come
