@@ -15,6 +15,7 @@ Both are inference-only: with autograd on (training) the reference path runs. Wh
 weight's storage afterwards (``.to()``, ``load_state_dict(assign=True)``) is detected and the stale
 stacked buffer dropped; in-place updates keep it. A projection wrapped by an adapter unstacks the block
 (the adapter is never bypassed); once the wrappers are gone, its next inference forward stacks again.
+Likewise a forward hook on q/k/v (or a global module hook) makes the block call the projections.
 """
 
 from __future__ import annotations
@@ -36,16 +37,26 @@ def stacking_pays(parts: tuple[nn.Module, ...]) -> bool:
     return issubclass(kind, StackableLinear) or (kind is nn.Linear and parts[0].weight.device.type != "cpu")
 
 
+def carry_module_state(source: nn.Module, target: nn.Module) -> None:
+    """What makes ``target`` the same block as ``source``: its submodules, any parameters or buffers of its own,
+    and the user's hooks (the hook dicts themselves, so a handle from before still removes its hook)."""
+    target._modules.update(source._modules)
+    target._parameters.update(source._parameters)
+    target._buffers.update(source._buffers)
+    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+    target.__dict__.update({k: v for k, v in source.__dict__.items() if k.startswith("_") and "hook" in k})
+
+
 class PreparedAttention(Attention):
     """:class:`Attention` with stacked q/k/v and a folded scale (see the module docstring)."""
 
     @classmethod
     def from_reference(cls, reference: Attention, *, stack: bool = True) -> "PreparedAttention":
-        """The same projections and kernel (the same module objects) in the prepared block."""
+        """The same projections and kernel (the same module objects) and hooks in the prepared block."""
         prepared = cls.__new__(cls)
         nn.Module.__init__(prepared)
         prepared.__dict__.update({k: v for k, v in reference.__dict__.items() if not k.startswith("_")})
-        prepared._modules.update(reference._modules)
+        carry_module_state(reference, prepared)
         prepared.training = reference.training
         prepared._stacked = None
         if stack:
@@ -58,7 +69,7 @@ class PreparedAttention(Attention):
         nn.Module.__init__(reference)
         reference.__dict__.update({k: v for k, v in self.__dict__.items()
                                    if not k.startswith("_") or k == "training"})
-        reference._modules.update(self._modules)
+        carry_module_state(self, reference)
         return reference
 
     def stack_projections(self) -> bool:
@@ -69,7 +80,9 @@ class PreparedAttention(Attention):
         if self._current() is not None:
             return True
         kind = type(parts[0])
-        with torch.no_grad():
+        # Never inference tensors (stacking may run lazily inside a caller's torch.inference_mode): the
+        # parameters become views of this buffer, and training the model later must still work.
+        with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([p.weight for p in parts])
             bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
             sizes = [p.out_features for p in parts]
@@ -99,7 +112,8 @@ class PreparedAttention(Attention):
             self.__dict__["_stacked"] = None  # a projection was wrapped (an adapter) or replaced
             self.__dict__["_restack_when_unwrapped"] = True
             return None
-        for part, offset in ((self.q_proj, 0), (self.v_proj, weight.shape[0] - self.v_proj.out_features)):
+        offsets = (0, self.q_proj.out_features, weight.shape[0] - self.v_proj.out_features)
+        for part, offset in zip((self.q_proj, self.k_proj, self.v_proj), offsets):  # any one may be replaced
             if part.weight.data_ptr() != weight[offset].data_ptr() or \
                     (bias is not None and part.bias.data_ptr() != bias[offset:].data_ptr()):
                 self.__dict__["_stacked"] = None  # the weights moved out: the buffer is stale
@@ -125,9 +139,17 @@ class PreparedAttention(Attention):
         self.stack_projections()
         return self._current()
 
+    def _projections_hooked(self) -> bool:
+        """Whether forward hooks would see q/k/v being called (the user's on a projection, or global module
+        hooks): the stacked GEMM never calls them, so the projections are called instead."""
+        hooked = any(getattr(torch.nn.modules.module, name, None)
+                     for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
+        return hooked or any(getattr(part, "_forward_hooks", None) or getattr(part, "_forward_pre_hooks", None)
+                             for part in (self.q_proj, self.k_proj, self.v_proj))
+
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         stacked = None if torch.is_grad_enabled() else (self._current() or self._restack_if_unwrapped())
-        if stacked is None:
+        if stacked is None or self._projections_hooked():
             return super().project(x)
         sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
         return stacked(x).split(sizes, dim=-1)

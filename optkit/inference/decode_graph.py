@@ -133,17 +133,33 @@ class DecodeStep:
 
 
 def _fingerprint(model: Model) -> tuple:
-    """Changes whenever a module or a weight's storage is replaced (a captured graph reads old addresses)."""
+    """Changes whenever a module or a weight's storage is replaced (a captured graph reads old addresses),
+    or a forward hook is added or removed (a captured graph replays the hooks it saw)."""
     return (tuple((id(m), type(m)) for m in model.modules()), tuple(t.data_ptr() for t in model.parameters()),
-            tuple(t.data_ptr() for t in model.buffers()))
+            tuple(t.data_ptr() for t in model.buffers()), forward_hooks(model))
+
+
+def forward_hooks(model: Model) -> tuple[int, ...]:
+    """The forward (pre-)hooks the model's modules would run, global ones included, by handle id (empty: none).
+
+    torch.compile does not guard on hooks, so a compiled step would keep running the hooks (or their
+    absence) it was traced with, even for another model; and a CUDA graph replays the ones it captured."""
+    dicts = [getattr(torch.nn.modules.module, name, None) or {}
+             for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    for module in model.modules():
+        dicts += [getattr(module, "_forward_hooks", None) or {}, getattr(module, "_forward_pre_hooks", None) or {}]
+    return tuple(key for hooks in dicts for key in hooks)
 
 
 COMPILED_LENGTH_STEP = 256
 
 
 def step_key(model: Model, batch_size: int, max_length: int, cache_kind: str | None, compiled: bool) -> tuple:
-    """What a kept step must match to be replayed: shapes, kinds, device, dtype and the module/weight layout."""
-    return (batch_size, max_length, cache_kind, compiled, model.device, model.dtype, _fingerprint(model))
+    """What a kept step must match to be replayed: shapes, kinds, device, dtype, the module/weight layout, and
+    whether inference mode is on (a step made in ``torch.inference_mode`` holds inference tensors, which
+    cannot be written in place outside it)."""
+    return (batch_size, max_length, cache_kind, compiled, model.device, model.dtype, _fingerprint(model),
+            torch.is_inference_mode_enabled())
 
 
 def padded_length(max_length: int, compiled: bool) -> int:

@@ -13,13 +13,14 @@ model meanwhile builds a step of its own.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from optkit.inference.decode_graph import DecodeStep, padded_length, step_key
+from optkit.inference.decode_graph import DecodeStep, forward_hooks, padded_length, step_key
 
 if TYPE_CHECKING:
     from optkit.model import Model
@@ -69,7 +70,8 @@ class InferenceSession:
         else:
             del kept
             cache = model.new_cache(batch_size, max_length=max_length, kind=cache_kind)
-            step = DecodeStep(model, cache, batch_size, run=self.compiled_step() if compiled else None)
+            step = DecodeStep(model, cache, batch_size, run=self.compiled_step() if compiled and not
+                              _hooks_refuse_compile(model) else None)
         try:
             yield step
         finally:
@@ -81,6 +83,18 @@ class InferenceSession:
         """Drop the kept step (its graph and cache) and the compiled function."""
         with self._lock:
             self._kept, self._compiled = None, None
+
+
+def _hooks_refuse_compile(model: Model) -> bool:
+    """A model with forward hooks decodes with the eager step: the compiled one would not follow them.
+    A single-device placement's own hooks (moves to the device everything is already on) do not count."""
+    placement_hooks = {handle.id for handle in model.placement.hooks} if model.placement is not None else set()
+    if not set(forward_hooks(model)) - placement_hooks:
+        return False
+    warnings.warn("compile: the model has forward hooks, which torch.compile does not follow when they change "
+                  "(nor per model); decoding with the eager step, which computes the same tokens",
+                  RuntimeWarning, stacklevel=5)
+    return True
 
 
 def session_for(model: Model) -> InferenceSession:

@@ -12,6 +12,14 @@ from optkit.errors import InputError
 from optkit.interfaces import KVCache
 
 
+def check_rows(kind: str, held: int, given: int) -> None:
+    """A cache serves the batch it was filled (or made) for: another row count is the caller's mistake,
+    named here instead of failing deep inside a reshape or a concatenation."""
+    if held != given:
+        raise InputError(f"the {kind} KV cache holds {held} row(s) but this forward has {given}; pass a cache made "
+                         f"for this batch (model.new_cache({given}, ...))")
+
+
 class DynamicCache(KVCache):
     """Concatenates new keys/values per layer; memory grows with the sequence.
 
@@ -37,6 +45,7 @@ class DynamicCache(KVCache):
         if self.keys[layer_idx] is None:
             self.keys[layer_idx], self.values[layer_idx] = key, value
         else:
+            check_rows("dynamic", self.keys[layer_idx].shape[0], key.shape[0])
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -83,6 +92,7 @@ class StaticCache(KVCache):
         self._slot = slot
 
     def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        check_rows("static", self.keys[layer_idx].shape[0], key.shape[0])
         if self._slot is not None:  # the caller keeps the position in range (and advances it)
             index = self._slot if key.shape[-2] == 1 else self._slot + torch.arange(key.shape[-2], device=key.device)
             index = index.to(self.keys[layer_idx].device)
@@ -106,6 +116,10 @@ class StaticCache(KVCache):
                 buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
     def reset(self) -> None:
+        """Empty again, slots zeroed: a step following a device slot reads every slot (masked), and a masked
+        inf or nan left by an earlier sequence (an fp16 overflow) would still turn its output into nan."""
+        for buffer in (*self.keys, *self.values):
+            buffer.zero_()
         self.lengths = [0] * len(self.lengths)
         self._slot = None
 
