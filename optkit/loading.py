@@ -67,7 +67,9 @@ def _checked_state(model: Model, raw: Mapping[str, Source], *, device: torch.dev
                  for k in expected if k in state and expected[k].is_floating_point()
                  and not state[k].is_floating_point()]
     if tied:  # the token embedding is the LM head: a head tensor in the file must fit and equal it
-        _check_tied_head(model, state, misshaped + not_float, name, source)
+        ties = ((OPTKIT_SPEC_NAME, ("head.params.tie_word_embeddings",)) if native else
+                (CONFIG_NAME, fmt.tie_fields))
+        _check_tied_head(model, state, misshaped + not_float, name, source, ties)
         state.pop("head.weight", None)
         expected.pop("head.weight", None)
     missing = [k for k in expected if k not in state]
@@ -112,7 +114,8 @@ def _place(group: dict[str, Source], device: torch.device, dtype: torch.dtype) -
     return placed
 
 
-def _check_tied_head(model: Model, state: dict[str, Source], problems: list[str], name: Any, source: str) -> None:
+def _check_tied_head(model: Model, state: dict[str, Source], problems: list[str], name: Any, source: str,
+                     ties: tuple[str, tuple[str, ...]]) -> None:
     """A tied model whose file also holds a head tensor: the file is only unambiguous when both are equal.
 
     Which of two different tensors a tied model would end up with is an accident of load order, so a
@@ -128,11 +131,13 @@ def _check_tied_head(model: Model, state: dict[str, Source], problems: list[str]
     if not isinstance(head, Tensor) or not isinstance(embedding, Tensor) or head.shape != embedding.shape:
         return
     if not torch.equal(head.to(embedding.dtype), embedding):
-        raise CheckpointError(f"checkpoint {source}: its {CONFIG_NAME} ties the LM head to the token embedding "
-                              f"(tie_word_embeddings true), but the file's {name('head.weight')} differs from "
-                              f"{name(embedding_key)}, so which one the model uses would be a guess. Set "
-                              f"\"tie_word_embeddings\": false in {CONFIG_NAME} to use the stored head, or delete "
-                              f"{name('head.weight')} from the file to use the embedding")
+        config_file, tie_fields = ties  # the file and fields that say "tied" (per format: OPT's, Open-Llama's)
+        untie = " and ".join(f'"{field}": false' for field in tie_fields)
+        raise CheckpointError(f"checkpoint {source}: its {config_file} ties the LM head to the token embedding "
+                              f"({' / '.join(tie_fields)} true), but the file's {name('head.weight')} differs from "
+                              f"{name(embedding_key)}, so which one the model uses would be a guess. Set {untie} "
+                              f"in {config_file} to use the stored head, or delete {name('head.weight')} from the "
+                              "file to use the embedding")
 
 
 def _fresh_head_state(model: Model, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -89,6 +89,7 @@ class CheckpointFormat:
     head_classes: dict[str, str] = field(default_factory=dict)
     config_types: dict[str, Kinds] = field(default_factory=dict)  # config.json field -> the JSON kinds it may have
     head_prefixes: tuple[str, ...] = TRANSFORMERS_HEAD_PREFIXES  # module names of task heads' weights in files
+    tie_fields: tuple[str, ...] = ("tie_word_embeddings",)  # config.json fields that tie the LM head to the embedding
 
     def check_config(self, config: dict[str, Any], source: str | None = None) -> None:
         """Refuse config fields of the wrong JSON type, naming the file and each field."""

@@ -8,6 +8,8 @@ docstring says vocab 32000 and eps 1e-12; the code uses 100000 and 1e-6).
 
 from __future__ import annotations
 
+import math
+import reprlib
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ CONFIG_TYPES = {  # rope_scaling has its own check (_rope_scaling)
     "vocab_size": INT, "hidden_size": INT, "intermediate_size": INT, "num_hidden_layers": INT,
     "num_attention_heads": INT, "max_position_embeddings": INT, "rope_theta": NUMBER, "rms_norm_eps": NUMBER,
     "initializer_range": NUMBER, "hidden_act": STR, "hidden_dropout_prob": NUMBER, "attention_dropout_prob": NUMBER,
-    "use_stable_embedding": BOOL, "shared_input_output_embedding": BOOL,
+    "use_stable_embedding": BOOL, "shared_input_output_embedding": BOOL, "num_key_value_heads": (int, None),
 }
 
 # transformers key (``model.`` already stripped) -> optkit module path; applied in order.
@@ -61,11 +63,13 @@ def _rope_scaling(config: dict[str, Any], source: str | None) -> tuple[str, floa
         return "none", 1.0
     problem = None
     if not isinstance(scaling, dict) or set(scaling) != {"type", "factor"}:
-        problem = f"must be a mapping with exactly 'type' and 'factor', got {scaling!r}"
+        problem = f"must be a mapping with exactly 'type' and 'factor', got {reprlib.repr(scaling)}"
     elif scaling["type"] not in SCALINGS:
-        problem = f"type must be one of {', '.join(SCALINGS)}, got {scaling['type']!r}"
+        problem = f"type must be one of {', '.join(SCALINGS)}, got {reprlib.repr(scaling['type'])}"
     elif not isinstance(scaling["factor"], (int, float)) or scaling["factor"] <= 1:
-        problem = f"factor must be a number > 1, got {scaling['factor']!r}"
+        problem = f"factor must be a number > 1, got {reprlib.repr(scaling['factor'])}"
+    elif not math.isfinite(scaling["factor"]):  # NaN passes `<= 1`; both would break the context length
+        problem = f"factor must be finite, got {scaling['factor']!r}"
     if problem:
         raise SpecValidationError([f"rope_scaling: {problem}"], source=source)
     return scaling["type"], float(scaling["factor"])
@@ -86,6 +90,17 @@ def _positions(config: dict[str, Any], source: str | None) -> tuple[dict[str, An
     return params, int(trained * factor)
 
 
+def _check_no_grouped_kv(config: dict[str, Any], source: str | None) -> None:
+    """Open-Llama has one key/value head per query head; transformers' OpenLlama ignores a
+    ``num_key_value_heads`` field, so a different value means the file is for another model."""
+    heads, kv_heads = config.get("num_attention_heads", 32), config.get("num_key_value_heads")
+    if kv_heads is not None and kv_heads != heads:
+        raise SpecValidationError([f"num_key_value_heads: Open-Llama has no grouped-query attention (one key/value "
+                                   f"head per query head, num_attention_heads={reprlib.repr(heads)}), got "
+                                   f"{reprlib.repr(kv_heads)}; remove the field or set it to num_attention_heads, "
+                                   f"or load the checkpoint as the family it was made for"], source=source)
+
+
 def _head_params(config: dict[str, Any], head: str, num_labels: int | None) -> dict[str, Any]:
     g = config.get
     if head == "causal_lm":  # a shared embedding reads the table directly; tie_word_embeddings ties lm_head
@@ -100,6 +115,7 @@ def spec_from_config(config: dict[str, Any], *, head: str = "causal_lm", num_lab
                      source: str | None = None) -> ModelSpec:
     """An Open-Llama ``config.json`` as an optkit spec (every field that changes the forward)."""
     g = config.get
+    _check_no_grouped_kv(config, source)
     rotary, max_positions = _positions(config, source)
     stable = g("use_stable_embedding", True)
     data = {
@@ -212,4 +228,5 @@ OPEN_LLAMA = (CheckpointFormat(
     inverse=INVERSE,
     head_classes=HEAD_CLASSES,
     config_types=CONFIG_TYPES,
+    tie_fields=("shared_input_output_embedding", "tie_word_embeddings"),
 ))

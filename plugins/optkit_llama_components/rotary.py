@@ -116,5 +116,9 @@ def rotary(params: RotaryParams, ctx) -> RotaryEmbedding:
     if d.head_dim % 2:
         raise SpecValidationError([f"decoder.positional_embedding: rotary needs an even head_dim, got "
                                    f"{d.head_dim} (hidden_size {d.hidden_size} / num_heads {d.num_heads})"])
+    if params.scaling == "dynamic" and d.head_dim < 4:  # the NTK exponent head_dim / (head_dim - 2)
+        raise SpecValidationError([f"decoder.positional_embedding.params.scaling: dynamic NTK needs head_dim >= 4, "
+                                   f"got {d.head_dim} (hidden_size {d.hidden_size} / num_heads {d.num_heads}); "
+                                   f"use fewer heads or scaling 'linear'"])
     return RotaryEmbedding(d.head_dim, params.theta, params.scaling, params.factor,
                            params.original_max_positions or d.max_positions)
