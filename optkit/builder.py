@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from optkit.context import BuildContext
-from optkit.errors import BackendUnavailableError, SpecValidationError
+from optkit.errors import BackendUnavailableError, InputError, SpecValidationError, brief_repr
 from optkit.interfaces import AttentionKernel, Head
 from optkit.model import Decoder, Model
 from optkit.registration import AUTO_KINDS, Registry, checked_device, checked_dtype
@@ -66,6 +66,14 @@ def _decoder(ctx: BuildContext) -> Decoder:
         max_positions=d.max_positions, layerdrop=d.layerdrop)
 
 
+def _check_registry(registry: Any) -> Registry:
+    """``registry`` if it is one (an optkit.registration.Registry), else an InputError naming what was passed."""
+    if not isinstance(registry, Registry):
+        raise InputError(f"registry must be an optkit Registry (optkit.registry, or optkit.testing.fresh_registry()), "
+                         f"got {brief_repr(registry, 80)} ({type(registry).__name__})")
+    return registry
+
+
 def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None = None,
           device: torch.device | str | None = None, registry: Registry | None = None,
           target_device: torch.device | str | None = None, **component_overrides: Any) -> Model:
@@ -76,6 +84,7 @@ def build(spec: ModelSpec | str | dict[str, Any], *, dtype: torch.dtype | None =
     """
     if registry is None:
         from optkit import registry
+    _check_registry(registry)
     dtype = checked_dtype(dtype)
     device = checked_device(device)
     target = checked_device(target_device, argument="target_device") if target_device is not None else device
@@ -114,7 +123,10 @@ def set_backend(model: Model, *, attention: str | dict[str, Any] | None = None, 
     The new kernel comes from ``registry`` when given (and the model remembers it), else from the
     registry that built the model.
     """
-    registry = model.registry if registry is None else registry
+    if not isinstance(model, Model):
+        raise InputError(f"set_backend expects an optkit Model (from optkit.build or optkit.from_pretrained), got "
+                         f"{brief_repr(model, 80)} ({type(model).__name__})")
+    registry = model.registry if registry is None else _check_registry(registry)
     if others:
         raise SpecValidationError([f"{kind}: set_backend swaps attention only; rebuild the model to change "
                                    f"{kind} (optkit.from_pretrained(..., {kind}=...))" for kind in others])

@@ -6,11 +6,11 @@ fresh caches, the conformance kit for lone components -- none of them importing 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from optkit.errors import ComponentError, OptkitError, SpecValidationError, brief_repr
@@ -26,9 +26,9 @@ from optkit.interfaces import (
     TokenEmbedding,
     WrappableLinear,
 )
-from optkit.plugins import describe, guarded
+from optkit.plugins import FIRST_PARTY, describe, guarded
 from optkit.registration import Registry
-from optkit.spec import ComponentRef, DecoderSpec, ModelSpec, _pydantic_problems
+from optkit.spec import ComponentRef, DecoderSpec, ModelSpec, validated_params
 
 
 @dataclass
@@ -58,10 +58,9 @@ class BuildContext:
         the plugin and the problem -- never a TypeError at the first forward."""
         ref = ref or self.ref(kind)
         entry = self.registry.get(kind, ref.name)
-        try:
-            params: BaseModel = entry.params.model_validate(ref.params)
-        except ValidationError as exc:
-            raise SpecValidationError(_pydantic_problems(exc, prefix=f"{kind}.params")) from None
+        params, problems = validated_params(entry, ref.params, f"{kind}.params")
+        if problems:
+            raise SpecValidationError(problems)
         what = f"{kind} '{ref.name}' from {entry.provider}"
         try:
             with guarded():
@@ -69,7 +68,7 @@ class BuildContext:
         except OptkitError:
             raise  # already says what is wrong (a nested component, or the plugin's own deliberate error)
         except Exception as exc:  # noqa: BLE001 - a plugin bug, reported with the plugin's name
-            raise ComponentError(f"{what} failed to build: {describe(exc)}") from exc
+            raise ComponentError(f"{what} failed to build: {describe(exc)}{_avoid(kind, entry.provider)}") from exc
         problem = _interface_problem(kind, component, self)
         if problem:
             raise ComponentError(f"{what} {problem} (see docs/hooks.md, \"Component kinds\")")
@@ -106,7 +105,17 @@ class BuildContext:
         except OptkitError:
             raise
         except Exception as exc:  # noqa: BLE001 - a plugin bug, reported with the plugin's name
-            raise ComponentError(f"{self._what(kind)} failed to build a {kind}: {describe(exc)}") from exc
+            provider = self.registry.get(kind, self.ref(kind).name).provider
+            raise ComponentError(f"{self._what(kind)} failed to build a {kind}: {describe(exc)}"
+                                 f"{_avoid(kind, provider)}") from exc
+
+
+def _avoid(kind: str, provider: Any) -> str:
+    """How a user gets past a third-party component that crashes (an optkit component's crash is optkit's bug)."""
+    if provider.distribution in (FIRST_PARTY, "?"):
+        return ""
+    return (f"; report it to the authors of {provider.distribution}, and meanwhile name another {kind} in the spec "
+            f"(optkit info lists them) or block the plugin with OPTKIT_BLOCK_PLUGINS={provider.plugin}")
 
 
 # What a factory of each kind must return (docs/hooks.md, "Component kinds"); None: a callable factory.
@@ -125,6 +134,9 @@ def _interface_problem(kind: str, component: Any, ctx: BuildContext) -> str | No
                                                   f"returns a factory of {kind} modules"
     if not isinstance(component, interface):
         return f"returned {got}, not an optkit.interfaces.{interface.__name__}"
+    call_problem = _forward_problem(component, interface)
+    if call_problem:
+        return call_problem
     if kind == "attention" and next(component.parameters(), None) is not None:
         return "returned an attention kernel with parameters; a kernel computes only (weights belong to the block)"
     if kind == "token_embedding" and component.embedding_dim != ctx.decoder.embed_dim:
@@ -133,6 +145,32 @@ def _interface_problem(kind: str, component: Any, ctx: BuildContext) -> str | No
     if kind == "mlp":
         return _mlp_width_problem(component, ctx.decoder.hidden_size)
     return None
+
+
+def _forward_problem(component: nn.Module, interface: type) -> str | None:
+    """Why optkit cannot call ``component`` the way ``interface.forward`` says it does (positional arguments by
+    position, keyword-only ones by name): caught at build time, not as a bare TypeError at the first forward."""
+    if "forward" not in vars(interface):
+        return None
+    try:
+        expected = inspect.signature(interface.forward)
+        actual = inspect.signature(component.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C extension): the call will tell
+        return None
+    params = list(expected.parameters.values())[1:]  # without self
+    args = [None for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    kwargs = {p.name: None for p in params if p.kind is p.KEYWORD_ONLY}
+    try:
+        actual.bind(*args, **kwargs)
+    except TypeError as exc:
+        return (f"returned {type(component).__name__} whose forward{_bare(actual.parameters.values())} cannot be "
+                f"called as optkit calls an optkit.interfaces.{interface.__name__}, forward{_bare(params)}: {exc}")
+    return None
+
+
+def _bare(params: Any) -> inspect.Signature:
+    """A signature without annotations, for messages."""
+    return inspect.Signature([p.replace(annotation=p.empty) for p in params])
 
 
 def _linear_problem(layer: Any, in_features: int, out_features: int) -> str | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from optkit.errors import (
     BackendUnavailableError,
@@ -70,6 +70,34 @@ class Capabilities(BaseModel):
     # No host synchronisation and no per-step Python values baked into kernels: a decode step through
     # this component can be captured once as a CUDA graph and replayed (optkit.decode_graph).
     cuda_graphs: bool = False
+
+    @field_validator("devices")
+    @classmethod
+    def _device_types(cls, value: frozenset[str]) -> frozenset[str]:
+        """A misspelt device ("gpu", "cuda:0") would make the component silently unusable everywhere."""
+        for name in value:
+            if _torch_name(name, torch.device, lambda d: d.type) != name:
+                raise ValueError(f"{brief_repr(name, 40)} is not a torch device type (cpu, cuda, mps, xpu, ...)")
+        return value
+
+    @field_validator("dtypes")
+    @classmethod
+    def _dtype_names(cls, value: frozenset[str]) -> frozenset[str]:
+        """Names as str(torch.float16) spells them without "torch." ("fp16", "half" would never match)."""
+        for name in value:
+            dtype = getattr(torch, name, None) if name.isidentifier() else None
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and str(dtype) == f"torch.{name}"):
+                raise ValueError(f"{brief_repr(name, 40)} is not a floating-point torch dtype name "
+                                 "(float32, float16, bfloat16, ...)")
+        return value
+
+
+def _torch_name(name: str, parse: Callable[[str], Any], canonical: Callable[[Any], str]) -> str | None:
+    """``name`` as torch spells it after parsing (None: torch does not know it)."""
+    try:
+        return canonical(parse(name))
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 Check = Callable[[torch.device, torch.dtype], list[str]]
@@ -205,9 +233,12 @@ class Registry:
         ``auto_priority`` ranks it when a spec says ``auto`` (higher first; a name that registry.yaml
         catalogues keeps the catalogue's priority). ``auto_check(device, dtype)`` lists why ``auto`` should
         pass over it even where it can run; a spec that names it still gets it."""
-        if kind not in self._items:
-            raise UnknownComponentError(f"unknown component kind {brief_repr(kind)} (kinds: {', '.join(KINDS)})")
+        self._kind(kind)
         _check_registration(kind, name, factory, params, capabilities, check, auto_priority, auto_check)
+        if type(override) is not bool or not isinstance(description, str):  # override="no" must not override
+            raise ComponentError(f"{kind} {brief_repr(name)}: override must be True or False and description a "
+                                 f"string, got override={brief_repr(override, 60)}, "
+                                 f"description={brief_repr(description, 60)}")
         provider = self._provider or Provider("<direct>", "?", "?")
         entry = Registration(kind, name, factory, params, capabilities or Capabilities(), provider, check,
                              description, auto_priority, auto_check)
@@ -289,22 +320,29 @@ class Registry:
 
     def names(self, kind: str) -> list[str]:
         self.ensure_loaded()
-        return sorted(self._items[kind])
+        return sorted(self._kind(kind))
 
     def registrations(self, kind: str | None = None) -> list[Registration]:
         self.ensure_loaded()
+        if kind is not None:
+            self._kind(kind)
         kinds = [kind] if kind else list(KINDS)
         return [self._items[k][n] for k in kinds for n in sorted(self._items[k])]
+
+    def _kind(self, kind: Any) -> dict[str, Registration]:
+        """The registrations of ``kind``, or an UnknownComponentError naming the kinds (never a bare KeyError)."""
+        if not isinstance(kind, str) or kind not in self._items:
+            raise UnknownComponentError(f"unknown component kind {brief_repr(kind)} (kinds: {', '.join(KINDS)})")
+        return self._items[kind]
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         self.ensure_loaded()
         kind, name = key
-        return isinstance(name, str) and name in self._items.get(kind, {})
+        return isinstance(kind, str) and isinstance(name, str) and name in self._items.get(kind, {})
 
     def get(self, kind: str, name: str) -> Registration:
         self.ensure_loaded()
-        if kind not in self._items:
-            raise UnknownComponentError(f"unknown component kind {brief_repr(kind)} (kinds: {', '.join(KINDS)})")
+        self._kind(kind)
         if isinstance(name, str) and name in self._items[kind]:
             return self._items[kind][name]
         raise UnknownComponentError(self.unknown_message(kind, name))
@@ -336,6 +374,11 @@ class Registry:
         broken = [p for p in self.plugins if p.status == "broken"]
         if broken:
             message += "; broken plugins: " + ", ".join(f"{p.name} ({p.reason})" for p in broken)
+        idle = [p for p in self.plugins if p.status in ("blocked", "disabled")]
+        if idle:  # one of them may provide it: which does is only known by loading it
+            message += ("; plugins not loaded, one may provide it: " + ", ".join(
+                f"{shorten(p.name, 40)} ({p.reason})" for p in idle[:5]) + (" ..." if len(idle) > 5 else "")
+                + " (`optkit plugins` lists them)")
         return message
 
     def require_usable(self, kind: str, name: str, device: torch.device | str, dtype: torch.dtype) -> Registration:

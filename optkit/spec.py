@@ -458,11 +458,27 @@ def component_problems(spec: ModelSpec, registry: Registry | None = None) -> lis
         except UnknownComponentError as exc:
             problems.append(f"{path}: {exc}")
             continue
-        try:
-            entry.params.model_validate(ref.params)
-        except ValidationError as exc:
-            problems.extend(_pydantic_problems(exc, prefix=f"{path}.params"))
+        problems.extend(params_problems(entry, ref.params, f"{path}.params"))
     return problems
+
+
+def validated_params(entry: Any, params: Any, prefix: str) -> tuple[BaseModel | None, list[str]]:
+    """``params`` validated by ``entry``'s params model, or the problems at YAML path ``prefix``: a plugin's
+    validator that raises something else than ValueError is a problem naming its plugin, not a traceback."""
+    from optkit.plugins import describe, guarded
+
+    try:
+        with guarded():
+            return entry.params.model_validate(params), []
+    except ValidationError as exc:
+        return None, _pydantic_problems(exc, prefix=prefix)
+    except Exception as exc:  # noqa: BLE001 - a bug in a plugin's params model
+        return None, [f"{prefix}: the params model {getattr(entry.params, '__name__', '?')} of {entry.kind} "
+                      f"'{entry.name}' ({entry.provider}) raised {describe(exc)}; fix or block that plugin"]
+
+
+def params_problems(entry: Any, params: Any, prefix: str) -> list[str]:
+    return validated_params(entry, params, prefix)[1]
 
 
 # -- sizes -----------------------------------------------------------------------------------
@@ -627,10 +643,7 @@ def _names_only_problems(data: dict[str, Any], registry: Registry | None) -> lis
             continue
         params = raw.get("params", {}) if isinstance(raw, dict) else {}
         if isinstance(params, dict):
-            try:
-                registry.get(kind, name).params.model_validate(params)
-            except ValidationError as exc:
-                problems.extend(_pydantic_problems(exc, prefix=f"{path}.params"))
+            problems.extend(params_problems(registry.get(kind, name), params, f"{path}.params"))
     return problems
 
 
