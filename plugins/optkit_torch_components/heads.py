@@ -46,7 +46,11 @@ def keep_positions(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
 def check_index_range(name: str, values: Tensor, size: int, *, low: int = 0, ignore: int | None = -100) -> None:
     """Indices outside ``low..size-1`` (``ignore`` aside) fail here with the name, not as an IndexError (or a
     device-side assert) inside the loss. Checked on CPU tensors only: on an accelerator ``min``/``max`` would cost
-    a host synchronisation every training step, so there the kernel's own bounds check is left to catch them."""
+    a host synchronisation every training step, so there the kernel's own bounds check is left to catch them.
+    A DTensor (tensor parallelism replicates the targets) is checked on its local values: boolean indexing has
+    no sharding rule."""
+    if hasattr(values, "to_local"):
+        values = values.to_local()
     if values.device.type != "cpu" or not values.numel():
         return
     kept = values if ignore is None else values[values != ignore]
