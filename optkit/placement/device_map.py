@@ -25,6 +25,16 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def _transformers_hint(key: object, modules: Mapping[str, object]) -> str:
+    """Transformers' names for OPT modules (``lm_head``, ``model.decoder...``) -> optkit's, when that is one."""
+    if not isinstance(key, str):
+        return ""
+    name = "head" + key.removeprefix("lm_head") if key.split(".")[0] == "lm_head" else key.removeprefix("model.")
+    if name != key and name in modules:
+        return f" (transformers' name; optkit calls it '{name}')"
+    return ""
+
+
 def resolve_device_map(model: Model, device_map: Mapping[str, object], groups: list[Group]) -> dict[str, Device]:
     """``{unit name: device}`` for every unit, in forward order, or one InputError naming what is wrong."""
     if not isinstance(device_map, Mapping) or not device_map:
@@ -35,8 +45,8 @@ def resolve_device_map(model: Model, device_map: Mapping[str, object], groups: l
     parsed: dict[str, Device] = {}
     for key, value in device_map.items():
         if not isinstance(key, str) or key not in modules:
-            raise InputError(f"device_map names {_short.repr(key)}, which is not a module of this model; "
-                             f"its placement units are {_listing(unit_names)}")
+            raise InputError(f"device_map names {_short.repr(key)}, which is not a module of this model"
+                             f"{_transformers_hint(key, modules)}; its placement units are {_listing(unit_names)}")
         inside = next((u for u in unit_names if key.startswith(u + ".")), None)
         if inside is not None:
             what = ("a decoder layer is never split" if is_unsplittable(modules[inside])

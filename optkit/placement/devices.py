@@ -65,6 +65,11 @@ def format_size(num_bytes: int, *, round_up: bool = False) -> str:
     return f"{num_bytes}B"
 
 
+def _is_index(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²', which ``int`` then refuses with a bare ValueError."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_device(value: object, *, what: str = "device") -> Device:
     """``0`` / ``"0"`` / ``"cuda:0"`` -> 0; ``"cpu"``, ``"disk"`` as they are; anything else is an error."""
     if isinstance(value, torch.device):
@@ -75,11 +80,11 @@ def parse_device(value: object, *, what: str = "device") -> Device:
         text = value.strip().lower()
         if text in HOST_DEVICES:
             return text
-        if text.isdigit():
+        if _is_index(text):
             return int(text)
-        kind, _, index = text.partition(":")
-        if kind == accelerator_type() or kind in ("cuda", "xpu", "mps"):
-            return int(index) if index.isdigit() else 0
+        kind, colon, index = text.partition(":")
+        if (kind == accelerator_type() or kind in ("cuda", "xpu", "mps")) and (_is_index(index) or not colon):
+            return int(index) if index else 0  # "cuda" alone is accelerator 0; "cuda:x" / "cuda:-1" are errors
     raise InputError(f"{what}: {_quote(value)} is not a device; use an accelerator index (0, 1, ... or 'cuda:1'), "
                      "'cpu' or 'disk'")
 
@@ -144,6 +149,9 @@ def parse_max_memory(max_memory: dict[object, int | float | str] | None) -> dict
     budget = {}
     for key, size in max_memory.items():
         device = parse_device(key, what=f"max_memory key {_quote(key)}")
+        if device in budget:  # 0 and "cuda:0": a later size silently winning would plan with the wrong budget
+            raise InputError(f"max_memory names device {device!r} twice (key {_quote(key)} is the same device as an "
+                             "earlier key); give each device one size")
         budget[device] = parse_size(size, what=f"max_memory[{_quote(key)}]")
     return dict(sorted(budget.items(), key=lambda item: device_order(item[0])))
 

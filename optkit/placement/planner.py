@@ -336,24 +336,29 @@ def plan(model: ModelSpec | str | os.PathLike | dict[str, Any] | Model, *, dtype
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise InputError(f"batch must be a positive int, got {str(batch)[:50]}")
     built, dtype = _meta_model(model, dtype)
-    length = built.spec.decoder.max_positions if max_length is None else max_length
-    if not isinstance(length, int) or length < 1:
+    positions = built.spec.decoder.max_positions
+    length = positions if max_length is None else max_length
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise InputError(f"max_length must be a positive int, got {str(max_length)[:50]}")
+    if length > positions:  # generation refuses such a sequence, so its KV cache would be budgeted for nothing
+        raise InputError(f"max_length {length} is more than the model's max_positions {positions} (the longest "
+                         f"sequence it runs); plan with max_length <= {positions}")
     groups = placement_groups(built, dtype=dtype, batch=batch, max_length=length)
     budgets = parse_max_memory(max_memory)
     if isinstance(device_map, str):
         if device_map not in STRATEGIES:
             raise InputError(f"device_map {device_map[:50]!r} is not a strategy; use one of {', '.join(STRATEGIES)} "
                              "or a dict {module_prefix: device}")
-        compute = _compute_device(list(budgets))
+        compute = _compute_device([d for d, b in budgets.items() if b != 0])  # max_memory {0: 0}: 0 is unused
         _check_one_layer_fits(groups, budgets, compute)
         resolved = _fill_in_order(groups, budgets, compute)
         if device_map != "sequential":
             resolved = _balance(groups, budgets, compute, resolved)
     else:
         resolved = resolve_device_map(built, device_map, groups)
-        compute = _compute_device(list(resolved.values()))
     resolved = {u.name: resolved[u.name] for u in placement_units(built)}  # forward order
+    # dispatch computes on the map's first accelerator (else the cpu): account for that one, not the one planned for
+    compute = _compute_device(list(resolved.values()))
     name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
     return Plan(model=name, dtype=dtype, batch=batch, max_length=length, compute_device=compute,
                 devices=account(groups, resolved, budgets, compute), device_map=resolved)
