@@ -8,11 +8,11 @@ logit as it was, step aside for training, survive ``.to()``/``set_backend``, and
 from __future__ import annotations
 
 import shutil
-import threading
 
 import pytest
 import torch
 from torch import nn
+from tests.helpers.threads import results_of_threads
 
 import optkit
 from optkit import inference, torch_internals
@@ -118,22 +118,7 @@ def test_generate_from_several_threads_gives_each_its_own_tokens():
     _, model = plain_and_prepared("onednn")
     prompts = [ids_batch(seed, rows=1, length=5 + seed) for seed in range(4)]
     alone = [model.generate(p, max_new_tokens=NEW) for p in prompts]
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            for _ in range(3):
-                results[i] = model.generate(prompts[i], max_new_tokens=NEW)
-        except BaseException as exc:  # noqa: BLE001 -- reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors and all(not t.is_alive() for t in threads)
+    results = results_of_threads(lambda i: model.generate(prompts[i], max_new_tokens=NEW), len(prompts))
     assert all(torch.equal(results[i], alone[i]) for i in range(len(prompts)))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import threading
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from tests.helpers.threads import results_of_threads
 
 import optkit
 from optkit import inference
@@ -356,22 +356,9 @@ def test_threads_with_different_batch_sizes_on_one_prepared_model():
     _, fast = reference_and_prepared("torch")
     prompts = [ids_batch(seed, 1 + seed % 3, 4 + seed) for seed in range(4)]
     alone = [fast.generate(p, max_new_tokens=7, decode_graph=True) for p in prompts]
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            for _ in range(3):
-                results[i] = fast.generate(prompts[i], max_new_tokens=7, decode_graph=True)
-        except BaseException as exc:  # noqa: BLE001 -- reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors and all(torch.equal(results[i], alone[i]) for i in range(len(prompts)))
+    results = results_of_threads(lambda i: fast.generate(prompts[i], max_new_tokens=7, decode_graph=True),
+                                 len(prompts))
+    assert all(torch.equal(results[i], alone[i]) for i in range(len(prompts)))
 
 
 def test_a_deepcopy_is_independent_and_restore_equals_never_prepared():

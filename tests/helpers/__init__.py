@@ -8,6 +8,7 @@ package (``tests/test_suite_hygiene.py`` keeps it that way):
 * ``models``: small optkit models and checkpoints that several modules build the same way.
 * ``ranks``: spawning a distributed test's gloo ranks with a deadline (``spawn_ranks``).
 * ``tiny_training``: the corpus, BPE and tiny specs the distributed training tests train on.
+* ``threads``: one call in several threads at once (``results_of_threads``).
 """
 
 from tests.helpers.hf_oracle import HF_CLASSES, VARIANTS, batch, hf_model, saved_pair
