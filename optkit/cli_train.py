@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from optkit.errors import InputError
 from optkit.training import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -86,8 +87,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     joins = dist.is_available() and not dist.is_initialized()  # the group is this command's to leave
     if args.threads is not None and args.threads < 1:
-        from optkit.errors import InputError
-
         raise InputError(f"--threads {args.threads}: expected a positive number of CPU threads")
     prints = join_torchrun_group()  # under torchrun: FSDP2 over the ranks; rank 0 alone prints
     if args.threads:
@@ -121,8 +120,6 @@ def run_train(args: argparse.Namespace) -> int:
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[object, object]:
     """What ``train`` gets: the spec (built there) or the loaded ``--model``, with LoRA adapters when
     ``--lora-r`` is given; the tokenizer is ``--tokenizer``, else the model directory's, else the bundled one."""
-    from optkit.errors import InputError
-
     lora_given = [flag for flag, value, default in (("--lora-alpha", args.lora_alpha, None),
                   ("--lora-dropout", args.lora_dropout, 0.0), ("--lora-targets", args.lora_targets, "q_proj,v_proj"),
                   ("--lora-rslora", args.lora_rslora, False)) if value != default]

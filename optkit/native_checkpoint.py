@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from optkit.checkpoint_files import CONFIG_NAME, OPTKIT_SPEC_NAME, Writer, capped, inside, quoted
 from optkit.errors import CheckpointError, InputError, SpecValidationError, brief_repr, shorten
-from optkit.interfaces import LinearAdapter
+from optkit.interfaces.adapters import held_adapters
 from optkit.spec import DECODER_COMPONENTS, ModelSpec, parse_yaml, validate_spec
 
 log = logging.getLogger("optkit")
@@ -58,15 +58,6 @@ def transformers_problems(model: Any) -> Exception | None:
     except (SpecValidationError, CheckpointError) as exc:
         return exc
     return None
-
-
-def held_adapters(model: Any) -> list[str]:
-    """Every adapter the model's linear wrappers hold (:class:`~optkit.interfaces.LinearAdapter`), in order."""
-    names: dict[str, None] = {}
-    for module in model.modules():
-        if isinstance(module, LinearAdapter):
-            names.update(dict.fromkeys(module.adapter_names))
-    return list(names)
 
 
 def adapters_problem(model: Any) -> InputError | None:

@@ -24,6 +24,7 @@ from torch import nn
 from optkit.adapters.lora import DEFAULT_ALPHA, LoRALinear, LoRASettings, check_adapter_name, merge_refusal
 from optkit.errors import CheckpointError, InputError, brief_repr
 from optkit.interfaces import WrappableLinear
+from optkit.interfaces.adapters import held_adapters
 
 if TYPE_CHECKING:
     from optkit.model import Model
@@ -100,10 +101,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter the model holds, in the order they were added."""
-    names: dict[str, None] = {}
-    for module in lora_modules(model).values():
-        names.update(dict.fromkeys(module.settings))
-    return list(names)
+    return held_adapters(model)
 
 
 def active_adapter(model: nn.Module) -> str | None:

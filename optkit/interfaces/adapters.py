@@ -54,3 +54,13 @@ class LinearAdapter(Protocol):
     def unmerge(self) -> None:
         """Take a merged delta out of ``base`` again."""
         ...
+
+
+def held_adapters(model: nn.Module) -> list[str]:
+    """Every adapter the model's linear wrappers hold (:class:`LinearAdapter`), in the order they were added:
+    what the core asks (e.g. before saving) without knowing the adapters room."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        if isinstance(module, LinearAdapter):
+            names.update(dict.fromkeys(module.adapter_names))
+    return list(names)
